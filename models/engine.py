@@ -1,0 +1,325 @@
+"""The engine: text-to-image (and img2img) as a step API over independent samples.
+
+Generation reads as numbered stages:
+  1. check inputs      (``Engine.resolve``: defaults from the model, limits, sampler, adapters)
+  2. encode prompt     (cached per text and text-encoder adapter state)
+  3. prepare latents   (per-sample seeded noise, exactly as diffusers draws it)
+  4. denoise           (``Engine.step``: one UNet call for a group, one sampler update per sample)
+  5. decode            (``Engine.decode``: batched VAE decode to uint8 RGB)
+  6. encode PNG        (``models.images``)
+
+Each ``Sample`` carries its own latent, step index, plan, sampler state, guidance, embeddings, adapter set
+and RNG, so a sample's image never depends on its batch neighbours, and a worker can add a sample to a
+running batch at any step (continuous batching). Samples stepped together must share a ``GroupKey``
+(resolution and adapter set); ``Engine.groups`` partitions a set of samples accordingly.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import InvalidRequest
+from models.loading import LoadedModel
+from models.lora import AdapterCache, AdapterSet, LoraApplier, LoraRegistry, normalize_set
+from models.samplers import Plan, Sampler, SamplerState, canonical_sampler, get_sampler
+from models.text import PromptEncoder
+
+MAX_SEED = 2**63 - 1
+ENGINE_MODES = ("exact", "fast")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one request asks of the engine. ``None`` fields take the model's defaults in ``resolve``."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    n: int = 1
+    loras: AdapterSet = ()
+    init_image: Any = None  # PIL image or HxWx3 uint8 array (img2img)
+    strength: float = 1.0
+
+
+GroupKey = tuple[int, int, AdapterSet]  # (height, width, adapter set)
+
+
+@dataclass(eq=False)
+class Sample:
+    """One image's trajectory. ``tag`` is the caller's (e.g. job id); the engine never reads it."""
+
+    tag: Any
+    index: int
+    seed: int
+    group: GroupKey
+    sampler: Sampler
+    plan: Plan
+    state: SamplerState
+    step_index: int
+    start_index: int
+    x: torch.Tensor  # (1, C, h, w) float32 latent in the sampler's parameterisation
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    guidance: float
+    generator: torch.Generator
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.plan.num_steps
+
+    @property
+    def steps_done(self) -> int:
+        return self.step_index - self.start_index
+
+    @property
+    def steps_total(self) -> int:
+        return self.plan.num_steps - self.start_index
+
+
+@dataclass
+class GenerationResult:
+    images: list[np.ndarray]  # HxWx3 uint8
+    seeds: list[int]
+    warnings: list[str]
+    seconds: float
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """Index of the first step that img2img runs (diffusers' ``get_timesteps``)."""
+    if not 0.0 < strength <= 1.0:
+        raise InvalidRequest(f"strength must be in (0, 1], got {strength}. Hint: 0.5-0.8 keeps the layout.",
+                             param="strength")
+    run = min(int(num_steps * strength), num_steps)
+    if run < 1:
+        raise InvalidRequest(
+            f"strength {strength} x steps {num_steps} leaves no step to run. Hint: raise strength or steps.",
+            param="strength",
+        )
+    return num_steps - run
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        mode: str = "exact",
+        lora_dir: str | None = None,
+        prompt_cache_size: int = 256,
+        lora_cache_count: int = 8,
+        lora_cache_bytes: int = 512 * 2**20,
+    ) -> None:
+        if mode not in ENGINE_MODES:
+            raise InvalidRequest(f"engine mode {mode!r} unknown. Hint: one of {ENGINE_MODES}.", param="engine_mode")
+        self.model = model
+        self.mode = mode
+        self.device = model.device
+        self.registry = LoraRegistry(lora_dir)
+        names = LoraApplier.module_names(model.unet, model.text_encoder)
+        self.adapters = AdapterCache(self.registry, names, lora_cache_count, lora_cache_bytes)
+        self.lora = LoraApplier(model.unet, model.text_encoder, self.adapters)
+        self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, model.device, prompt_cache_size)
+        self._unet = model.unet
+        self._decode = model.vae.decode
+        self.autocast: torch.dtype | None = None
+        if mode == "fast":
+            from models.fast import accelerate
+
+            self._unet, self._decode, self.autocast = accelerate(model)
+
+    # -- 1. check inputs ------------------------------------------------------------------------
+    def resolve(self, req: GenerationRequest) -> GenerationRequest:
+        d = self.model.defaults
+        w0, h0 = self.model.native_size
+        sampler = canonical_sampler(req.sampler or d.sampler)
+        steps = int(req.steps if req.steps is not None else d.steps)
+        if steps < 1:
+            raise InvalidRequest(f"steps must be >= 1, got {steps}. Hint: 20-50 is typical.", param="steps")
+        guidance = float(req.guidance if req.guidance is not None else d.guidance)
+        if not np.isfinite(guidance):
+            raise InvalidRequest(f"guidance must be a finite number, got {guidance}.", param="guidance_scale")
+        width, height = int(req.width or w0), int(req.height or h0)
+        for field_name, v in (("width", width), ("height", height)):
+            if v < 8 or v % 8:
+                raise InvalidRequest(f"{field_name} must be a positive multiple of 8, got {v}.", param="size")
+        if req.n < 1:
+            raise InvalidRequest(f"n must be >= 1, got {req.n}.", param="n")
+        seed = req.seed if req.seed is not None else random.randrange(2**32)
+        if not 0 <= seed <= MAX_SEED - req.n:
+            raise InvalidRequest(f"seed must be in [0, 2^63 - 1 - n], got {seed}.", param="seed")
+        loras = normalize_set(req.loras)
+        self.lora.load(loras)  # unknown or invalid adapters fail here, before any work is queued
+        if req.init_image is not None:
+            img2img_start(steps, req.strength)
+        return replace(req, sampler=sampler, steps=steps, guidance=guidance, width=width, height=height,
+                       seed=seed, loras=loras)
+
+    # -- 2. encode prompt -----------------------------------------------------------------------
+    def _embeddings(self, req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        self.lora.activate(req.loras)
+        te_key = self.lora.text_encoder_key(req.loras)
+        cond = self.prompts.encode(req.prompt, te_key)
+        warnings = [cond.warning] if cond.warning else []
+        uncond = None
+        if req.guidance > 1.0:  # classifier-free guidance needs the unconditional (negative) half
+            neg = self.prompts.encode(req.negative_prompt or "", te_key)
+            uncond = neg.embeds
+            if neg.warning:
+                warnings.append("negative " + neg.warning)
+        return cond.embeds, uncond, warnings
+
+    # -- 3. prepare latents ---------------------------------------------------------------------
+    def prepare(self, req: GenerationRequest, tag: Any = None) -> list[Sample]:
+        """Resolve a request into ``n`` samples at their first step. Image i uses seed + i."""
+        req = self.resolve(req)
+        cond, uncond, warnings = self._embeddings(req)
+        f = self.model.vae_scale_factor
+        shape = (1, self.model.latent_channels, req.height // f, req.width // f)
+        init = self._encode_image(req) if req.init_image is not None and req.strength < 1.0 else None
+        samples = []
+        for i in range(req.n):
+            sampler = get_sampler(req.sampler)
+            plan = sampler.plan(self.model.schedule, req.steps)
+            gen = torch.Generator("cpu").manual_seed(req.seed + i)
+            noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+            if init is None:
+                start, x = 0, noise * sampler.init_noise_sigma(plan)
+            else:
+                start = img2img_start(req.steps, req.strength)
+                x = sampler.add_noise(plan, start, init, noise)
+            samples.append(
+                Sample(
+                    tag=tag, index=i, seed=req.seed + i, group=(req.height, req.width, req.loras),
+                    sampler=sampler, plan=plan, state=SamplerState(), step_index=start, start_index=start,
+                    x=x.to(self.device), cond=cond, uncond=uncond, guidance=req.guidance, generator=gen,
+                    warnings=list(warnings),
+                )
+            )
+        return samples
+
+    @torch.inference_mode()
+    def _encode_image(self, req: GenerationRequest) -> torch.Tensor:
+        """The init image's latent: the mean of the VAE posterior, scaled (deterministic)."""
+        from models.images import to_model_input
+
+        self.lora.activate(req.loras)
+        vae = self.model.vae
+        x = to_model_input(req.init_image, req.width, req.height).to(self.device, vae.dtype)
+        z = vae.encode(x).latent_dist.mean
+        return (z * vae.config.scaling_factor).float().cpu()
+
+    # -- 4. denoise -----------------------------------------------------------------------------
+    @staticmethod
+    def groups(samples: Iterable[Sample]) -> dict[GroupKey, list[Sample]]:
+        out: dict[GroupKey, list[Sample]] = {}
+        for s in samples:
+            if not s.done:
+                out.setdefault(s.group, []).append(s)
+        return out
+
+    @torch.inference_mode()
+    def step(self, samples: Sequence[Sample]) -> None:
+        """Advance every sample one step with a single UNet call (2B rows where guidance is on)."""
+        if not samples:
+            return
+        key = samples[0].group
+        if any(s.group != key or s.done for s in samples):
+            raise ValueError("step() takes unfinished samples of one group (same size and adapter set)")
+        self.lora.activate(key[2])
+        guided = [s for s in samples if s.uncond is not None]
+        rows = guided + list(samples)
+        x_in = torch.cat([s.x * s.sampler.input_scale(s.plan, s.step_index) for s in rows])
+        t = torch.tensor([float(s.plan.timesteps[s.step_index]) for s in rows], dtype=torch.float32)
+        emb = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
+        out = self._unet_call(x_in, t.to(self.device), emb)
+        uncond_out, cond_out = out[: len(guided)], out[len(guided) :]
+        g = 0
+        for j, s in enumerate(samples):
+            pred = cond_out[j : j + 1]
+            if s.uncond is not None:
+                u = uncond_out[g : g + 1]
+                pred = u + s.guidance * (pred - u)
+                g += 1
+            noise = functools.partial(self._noise, s)
+            s.x = s.sampler.step(s.plan, s.step_index, s.x, pred, s.state, noise)
+            s.step_index += 1
+
+    def _unet_call(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype
+        if self.autocast is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                return self._unet(x, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+        return self._unet(x.to(dtype), t, encoder_hidden_states=emb.to(dtype), return_dict=False)[0].float()
+
+    def _noise(self, s: Sample) -> torch.Tensor:
+        # Drawn on the CPU from the sample's own generator: reproducible across devices and batches.
+        return torch.randn(s.x.shape, generator=s.generator, dtype=torch.float32).to(self.device)
+
+    # -- 5. decode ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, samples: Sequence[Sample]) -> list[np.ndarray]:
+        """Batched VAE decode of finished samples (any mix of sizes) to HxWx3 uint8 arrays."""
+        vae = self.model.vae
+        out: dict[int, np.ndarray] = {}
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for k, s in enumerate(samples):
+            by_size.setdefault(tuple(s.x.shape), []).append(k)
+        for idx in by_size.values():
+            z = torch.cat([samples[k].x for k in idx]) / vae.config.scaling_factor
+            if self.autocast is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    img = self._decode(z, return_dict=False)[0].float()
+            else:
+                img = self._decode(z.to(vae.dtype), return_dict=False)[0].float()
+            arr = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            for k, a in zip(idx, arr, strict=True):
+                out[k] = a
+        return [out[k] for k in range(len(samples))]
+
+    # -- all stages, for the CLI, tests and benchmarks --------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        max_batch: int = 16,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Run requests to completion, batching every group's samples up to ``max_batch`` per UNet call."""
+        t0 = time.perf_counter()
+        per_request = [self.prepare(r, tag=k) for k, r in enumerate(requests)]
+        samples = [s for group in per_request for s in group]
+        total = sum(s.steps_total for s in samples)
+        done = 0
+        while True:
+            groups = self.groups(samples)
+            if not groups:
+                break
+            for members in groups.values():
+                for b in range(0, len(members), max_batch):
+                    chunk = members[b : b + max_batch]
+                    self.step(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+        images = self.decode(samples)
+        results, k = [], 0
+        for group in per_request:
+            imgs = images[k : k + len(group)]
+            k += len(group)
+            warnings = sorted({w for s in group for w in s.warnings})
+            results.append(GenerationResult(imgs, [s.seed for s in group], warnings, time.perf_counter() - t0))
+        return results

@@ -1,0 +1,323 @@
+"""LoRA adapters: a safetensors-only registry, an LRU cache, and exact activation of a (name, scale) set.
+
+A LoRA adapter stores, per targeted layer with weight W (out x in), two factors B (out x r) and A (r x in)
+and optionally alpha; the adapted layer is W + scale * (alpha / r) * B A (Hu et al. 2021). We merge the
+active set into the weights (zero cost per denoising step) and keep a pristine copy of each touched weight,
+so switching sets restores exactly and never drifts, in fp16 too. Workers group samples by adapter set,
+so a switch happens once per group, not per sample.
+
+Accepted key namings:
+- diffusers / PEFT:  ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``text_encoder.<module>...``)
+- older diffusers:    ``unet.<module>.processor.to_q_lora.down.weight`` / ``.up.weight``,
+                      ``text_encoder.<module>.q_proj.lora_linear_layer.down.weight``
+- kohya (A1111):      ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SUFFIX = ".safetensors"
+
+
+def check_adapter_name(name: str) -> str:
+    """Refuse anything that could name a file outside the registry: separators, '..', NUL, absolute paths."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidRequest(
+            f"adapter name {name!r} is invalid. Hint: letters, digits, '.', '_' and '-' only "
+            "(no path separators or '..'), at most 128 characters.",
+            param="loras",
+        )
+    return name
+
+
+@dataclass
+class LoraLayer:
+    up: torch.Tensor  # B: (out, r, [1, 1])
+    down: torch.Tensor  # A: (r, in, [kh, kw])
+    alpha: float | None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self, weight_shape: torch.Size) -> torch.Tensor:
+        """B A (alpha / r), shaped like the target weight (Linear, 1x1 or kxk conv)."""
+        up = self.up.reshape(self.up.shape[0], -1).float()
+        down = self.down.reshape(self.rank, -1).float()
+        d = (up @ down).reshape(weight_shape)
+        return d * (self.alpha / self.rank if self.alpha is not None else 1.0)
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    unet: dict[str, LoraLayer] = field(default_factory=dict)
+    text_encoder: dict[str, LoraLayer] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        layers = list(self.unet.values()) + list(self.text_encoder.values())
+        return sum(t.numel() * t.element_size() for ly in layers for t in (ly.up, ly.down))
+
+
+_PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.lora_([AB])(?:\.default)?\.weight$")
+_PEFT_ALPHA = re.compile(r"^(unet|text_encoder)\.(.+?)\.alpha$")
+_OLD_PROC = re.compile(r"^(unet)\.(.+?)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
+_OLD_TE = re.compile(r"^(text_encoder)\.(.+?)\.lora_linear_layer\.(up|down)\.weight$")
+_KOHYA = re.compile(r"^lora_(unet|te)_(.+?)\.(lora_up|lora_down|alpha)(?:\.weight)?$")
+
+
+def parse_state_dict(name: str, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None,
+                     module_names: dict[str, set[str]]) -> LoraAdapter:
+    """Group raw keys into per-module (up, down, alpha) and map them onto the model's module names."""
+    raw: dict[tuple[str, str], dict[str, Any]] = {}
+    kohya_maps = {part: {n.replace(".", "_"): n for n in names} for part, names in module_names.items()}
+
+    def put(part: str, module: str, what: str, value: Any) -> None:
+        raw.setdefault((part, module), {})[what] = value
+
+    for key, t in sd.items():
+        if m := _PEFT.match(key):
+            put(m[1], m[2], "down" if m[3] == "A" else "up", t)
+        elif m := _PEFT_ALPHA.match(key):
+            put(m[1], m[2], "alpha", float(t.item()))
+        elif m := _OLD_PROC.match(key):
+            proj = "to_out.0" if m[3] == "to_out" else m[3]
+            put("unet", f"{m[2]}.{proj}", m[4], t)
+        elif m := _OLD_TE.match(key):
+            put("text_encoder", m[2], m[3], t)
+        elif m := _KOHYA.match(key):
+            part = "unet" if m[1] == "unet" else "text_encoder"
+            module = kohya_maps[part].get(m[2])
+            if module is None:
+                raise InvalidAdapter(
+                    f"adapter {name!r} targets {key!r}, which this model does not have. "
+                    "Hint: the adapter was trained for a different base model.",
+                    param="loras",
+                )
+            if m[3] == "alpha":
+                put(part, module, "alpha", float(t.item()))
+            else:
+                put(part, module, "up" if m[3] == "lora_up" else "down", t)
+        else:
+            raise InvalidAdapter(f"adapter {name!r}: unrecognised key {key!r} (not a LoRA state dict?)", param="loras")
+
+    alphas = _metadata_alphas(metadata)
+    adapter = LoraAdapter(name)
+    for (part, module), d in raw.items():
+        if "up" not in d or "down" not in d:
+            raise InvalidAdapter(f"adapter {name!r}: {part}.{module} lacks its up or down factor", param="loras")
+        if module not in module_names[part]:
+            raise InvalidAdapter(
+                f"adapter {name!r} targets {part}.{module}, which this model does not have. "
+                "Hint: the adapter was trained for a different base model.",
+                param="loras",
+            )
+        alpha = d.get("alpha", alphas.get(part))
+        getattr(adapter, part)[module] = LoraLayer(d["up"], d["down"], alpha)
+    if not adapter.unet and not adapter.text_encoder:
+        raise InvalidAdapter(f"adapter {name!r} contains no LoRA layers", param="loras")
+    return adapter
+
+
+def _metadata_alphas(metadata: dict[str, str] | None) -> dict[str, float]:
+    """diffusers >= 0.34 stores PEFT's lora_alpha per component in the safetensors metadata."""
+    out: dict[str, float] = {}
+    if not metadata or "lora_adapter_metadata" not in metadata:
+        return out
+    try:
+        meta = json.loads(metadata["lora_adapter_metadata"])
+    except json.JSONDecodeError:
+        return out
+    for key, value in meta.items():
+        part, _, field_name = key.partition(".")
+        if field_name == "lora_alpha" and part in ("unet", "text_encoder") and isinstance(value, (int, float)):
+            out[part] = float(value)
+    return out
+
+
+class LoraRegistry:
+    """A directory of ``<name>.safetensors`` files. Nothing outside it, and nothing else, is ever read."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root).expanduser().resolve() if root else None
+
+    def names(self) -> list[str]:
+        if self.root is None or not self.root.is_dir():
+            return []
+        out = []
+        for p in sorted(self.root.glob(f"*{SUFFIX}")):
+            name = p.name[: -len(SUFFIX)]
+            if NAME_RE.fullmatch(name) and ".." not in name and self._inside(p):
+                out.append(name)
+        return out
+
+    def _inside(self, p: Path) -> bool:
+        assert self.root is not None
+        try:
+            return p.resolve(strict=True).is_relative_to(self.root) and p.resolve().is_file()
+        except OSError:
+            return False
+
+    def path_for(self, name: str) -> Path:
+        check_adapter_name(name)
+        if self.root is None:
+            raise AdapterNotFound(f"adapter {name!r} not found: no adapter directory is configured.", param="loras")
+        p = self.root / f"{name}{SUFFIX}"
+        if not p.exists() and not p.is_symlink():
+            raise AdapterNotFound(
+                f"adapter {name!r} not found. Hint: available adapters: {', '.join(self.names()) or '(none)'}.",
+                param="loras",
+            )
+        if not self._inside(p):
+            raise InvalidRequest(f"adapter {name!r} resolves outside the adapter directory; refused.", param="loras")
+        return p
+
+    def read(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+        """Parse the file as safetensors only: a pickle or anything else is rejected, never executed."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.path_for(name)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata()
+                sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise InvalidAdapter(f"adapter {name!r} is not a valid safetensors file: {e}", param="loras") from e
+        return sd, metadata
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+
+class AdapterCache:
+    """LRU of parsed adapters, bounded by count and by bytes."""
+
+    def __init__(self, registry: LoraRegistry, module_names: dict[str, set[str]],
+                 max_count: int = 8, max_bytes: int = 512 * 2**20) -> None:
+        self.registry = registry
+        self.module_names = module_names
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.stats = CacheStats()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._items.values())
+
+    def get(self, name: str) -> LoraAdapter:
+        if name in self._items:
+            self._items.move_to_end(name)
+            self.stats.hits += 1
+            return self._items[name]
+        self.stats.misses += 1
+        t0 = time.perf_counter()
+        sd, metadata = self.registry.read(name)
+        adapter = parse_state_dict(name, sd, metadata, self.module_names)
+        self.stats.loads += 1
+        self.stats.load_seconds += time.perf_counter() - t0
+        self._items[name] = adapter
+        while len(self._items) > 1 and (len(self._items) > self.max_count or self.nbytes > self.max_bytes):
+            self._items.popitem(last=False)
+            self.stats.evictions += 1
+        return adapter
+
+
+AdapterSet = tuple[tuple[str, float], ...]
+
+
+def normalize_set(loras: Any) -> AdapterSet:
+    """Canonical, hashable form of a request's adapters: sorted, zero scales dropped, duplicates refused."""
+    items: dict[str, float] = {}
+    for name, scale in loras or ():
+        check_adapter_name(name)
+        if name in items:
+            raise InvalidRequest(f"adapter {name!r} is listed twice. Hint: give each adapter once.", param="loras")
+        items[name] = float(scale)
+    return tuple(sorted((n, s) for n, s in items.items() if s != 0.0))
+
+
+class LoraApplier:
+    """Merges an adapter set into a UNet and text encoder, restoring pristine weights on every switch."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, cache: AdapterCache) -> None:
+        self.modules = {
+            "unet": dict(unet.named_modules()),
+            "text_encoder": dict(text_encoder.named_modules()),
+        }
+        self.cache = cache
+        self.active: AdapterSet = ()
+        self._pristine: dict[tuple[str, str], torch.Tensor] = {}
+
+    @staticmethod
+    def module_names(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, set[str]]:
+        def weighted(m: torch.nn.Module) -> set[str]:
+            return {n for n, mod in m.named_modules() if isinstance(getattr(mod, "weight", None), torch.Tensor)}
+
+        return {"unet": weighted(unet), "text_encoder": weighted(text_encoder)}
+
+    def text_encoder_key(self, adapters: AdapterSet) -> AdapterSet:
+        """The part of a set that changes prompt embeddings (the prompt cache's key)."""
+        return tuple((n, s) for n, s in adapters if self.cache.get(n).text_encoder)
+
+    def load(self, adapters: AdapterSet) -> None:
+        """Make sure every adapter of the set is parsed and cached (raises for unknown or invalid ones)."""
+        for name, _ in adapters:
+            self.cache.get(name)
+
+    @torch.no_grad()
+    def activate(self, adapters: AdapterSet) -> None:
+        if adapters == self.active:
+            return
+        loaded = [(self.cache.get(n), s) for n, s in adapters]
+        self._restore()
+        try:
+            for adapter, scale in loaded:
+                for part in ("unet", "text_encoder"):
+                    for module, layer in getattr(adapter, part).items():
+                        self._merge(part, module, layer, scale, adapter.name)
+        except Exception:
+            self._restore()
+            raise
+        self.active = adapters
+
+    def _merge(self, part: str, module: str, layer: LoraLayer, scale: float, name: str) -> None:
+        weight = self.modules[part][module].weight
+        if layer.up.shape[0] != weight.shape[0] or layer.down[0].numel() != weight[0].numel():
+            raise InvalidAdapter(
+                f"adapter {name!r}: factors {tuple(layer.up.shape)} x {tuple(layer.down.shape)} do not fit "
+                f"{part}.{module} of shape {tuple(weight.shape)}. Hint: wrong base model.",
+                param="loras",
+            )
+        if (part, module) not in self._pristine:
+            self._pristine[(part, module)] = weight.detach().clone()
+        merged = weight.float() + scale * layer.delta(weight.shape).to(weight.device)
+        weight.data.copy_(merged.to(weight.dtype))
+
+    def _restore(self) -> None:
+        for (part, module), w in self._pristine.items():
+            self.modules[part][module].weight.data.copy_(w)
+        self._pristine.clear()
+        self.active = ()

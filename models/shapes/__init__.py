@@ -1,0 +1,1 @@
+"""The bundled ``shapes`` demo model: its procedural dataset, tokenizer, training and evaluation."""
