@@ -152,7 +152,8 @@ class Engine:
         guidance = float(req.guidance if req.guidance is not None else d.guidance)
         if not np.isfinite(guidance):
             raise InvalidRequest(f"guidance must be a finite number, got {guidance}.", param="guidance_scale")
-        width, height = int(req.width or w0), int(req.height or h0)
+        width = int(req.width if req.width is not None else w0)
+        height = int(req.height if req.height is not None else h0)
         for field_name, v in (("width", width), ("height", height)):
             if v < 8 or v % 8:
                 raise InvalidRequest(f"{field_name} must be a positive multiple of 8, got {v}.", param="size")
@@ -195,12 +196,16 @@ class Engine:
             sampler = get_sampler(req.sampler)
             plan = sampler.plan(self.model.schedule, req.steps)
             gen = torch.Generator("cpu").manual_seed(req.seed + i)
-            noise = torch.randn(shape, generator=gen, dtype=torch.float32)
             if init is None:
+                noise = torch.randn(shape, generator=gen, dtype=torch.float32)
                 start, x = 0, noise * sampler.init_noise_sigma(plan)
             else:
+                # Same draw order as diffusers' img2img: the VAE posterior sample, then the noise.
+                mean, std = init
+                z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model.vae.config.scaling_factor
+                noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
                 start = img2img_start(req.steps, req.strength)
-                x = sampler.add_noise(plan, start, init, noise)
+                x = sampler.add_noise(plan, start, z0, noise)
             samples.append(
                 Sample(
                     tag=tag, index=i, seed=req.seed + i, group=(req.height, req.width, req.loras),
@@ -212,15 +217,14 @@ class Engine:
         return samples
 
     @torch.inference_mode()
-    def _encode_image(self, req: GenerationRequest) -> torch.Tensor:
-        """The init image's latent: the mean of the VAE posterior, scaled (deterministic)."""
+    def _encode_image(self, req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior N(mean, std^2) of the init image, on the CPU (each sample draws its own z)."""
         from models.images import to_model_input
 
-        self.lora.activate(req.loras)
         vae = self.model.vae
         x = to_model_input(req.init_image, req.width, req.height).to(self.device, vae.dtype)
-        z = vae.encode(x).latent_dist.mean
-        return (z * vae.config.scaling_factor).float().cpu()
+        dist = vae.encode(x).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
 
     # -- 4. denoise -----------------------------------------------------------------------------
     @staticmethod

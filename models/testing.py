@@ -109,3 +109,47 @@ def build_random_pipeline(
     if defaults:
         (path / "diffuserve.json").write_text(json.dumps(defaults))
     return path
+
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def lora_targets(module: torch.nn.Module, suffixes: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    return {
+        n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)
+    }
+
+
+def random_lora_state_dict(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    naming: str = "peft",
+    alpha: float | None = None,
+    magnitude: float = 0.3,
+) -> dict[str, torch.Tensor]:
+    """A random LoRA over the attention projections, in diffusers/PEFT or kohya key naming."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    parts = [("unet", unet, UNET_TARGETS)]
+    if text_encoder is not None:
+        parts.append(("text_encoder", text_encoder, TE_TARGETS))
+    for part, module, suffixes in parts:
+        for name, lin in sorted(lora_targets(module, suffixes).items()):
+            down = torch.randn(rank, lin.in_features, generator=g) * magnitude
+            up = torch.randn(lin.out_features, rank, generator=g) * magnitude
+            if naming == "peft":
+                sd[f"{part}.{name}.lora_A.weight"] = down
+                sd[f"{part}.{name}.lora_B.weight"] = up
+                if alpha is not None:
+                    sd[f"{part}.{name}.alpha"] = torch.tensor(float(alpha))
+            else:
+                prefix = "lora_unet_" if part == "unet" else "lora_te_"
+                flat = prefix + name.replace(".", "_")
+                sd[f"{flat}.lora_down.weight"] = down
+                sd[f"{flat}.lora_up.weight"] = up
+                sd[f"{flat}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+    return sd
