@@ -36,6 +36,11 @@ MAX_SEED = 2**63 - 1
 ENGINE_MODES = ("exact", "fast")
 
 
+def default_engine_mode(device: torch.device) -> str:
+    """``fast`` where it is measured to pay without hurting quality (CUDA), else ``exact`` (see bench/)."""
+    return "fast" if device.type == "cuda" else "exact"
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What one request asks of the engine. ``None`` fields take the model's defaults in ``resolve``."""
