@@ -12,10 +12,7 @@ import torch
 
 from models.shapes.tokenizer import write_clip_tokenizer
 
-WORDS = (
-    "a an the of on at in with and photo picture painting red green blue yellow purple orange white black "
-    "small large circle square triangle disc box top bottom left right center upper lower background cat dog"
-).split()
+WORDS = ["a", "an", "the", "of", "on", "at", "in", "with", "and", "photo", "picture", "painting", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "small", "large", "circle", "square", "triangle", "disc", "box", "top", "bottom", "left", "right", "center", "upper", "lower", "background", "cat", "dog"]
 
 SCALES = {
     # block_out_channels, layers_per_block, cross_attention_dim / text hidden, vae blocks, latent side

@@ -13,7 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.samplers.base import NoiseFn, Plan, Sampler, SamplerState, check_steps, maybe_clip, x0_eps_from_output
+from models.samplers.base import (
+    NoiseFn,
+    Plan,
+    Sampler,
+    SamplerState,
+    check_steps,
+    maybe_clip,
+    x0_eps_from_output,
+)
 from models.schedules import NoiseSchedule, discrete_timesteps
 
 

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from models.errors import InvalidRequest
-from models.samplers.base import NoiseFn, Plan, Sampler, SamplerState, check_steps, maybe_clip, x0_eps_from_output
+from models.samplers.base import (
+    NoiseFn,
+    Plan,
+    Sampler,
+    SamplerState,
+    check_steps,
+    maybe_clip,
+    x0_eps_from_output,
+)
 from models.schedules import NoiseSchedule, discrete_timesteps
 
 VARIANCES = ("fixed_small", "fixed_large")
