@@ -83,3 +83,17 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(InvalidModel):
             resolve_device("cuda")
+
+
+def test_model_defaults_file_fills_requests(tmp_path):
+    from models.engine import Engine, GenerationRequest
+    from models.testing import build_random_pipeline
+
+    d = build_random_pipeline(tmp_path / "m", defaults={"steps": 7, "sampler": "DDIM", "guidance": 3.0,
+                                                         "width": 48, "height": 40})
+    eng = Engine(load_pipeline(d))
+    r = eng.resolve(GenerationRequest("a"))
+    assert (r.steps, r.sampler, r.guidance, r.width, r.height) == (7, "ddim", 3.0, 48, 40)
+    assert eng.model.native_size == (48, 40)
+    r = eng.resolve(GenerationRequest("a", steps=3, sampler="euler", guidance=1.0, width=32, height=32))
+    assert (r.steps, r.sampler, r.guidance, r.width, r.height) == (3, "euler", 1.0, 32, 32)

@@ -87,3 +87,15 @@ def test_dataset_is_deterministic():
     b, cb, _ = dataset(8, seed=5)
     assert np.array_equal(a, b) and ca == cb
     assert a.shape == (8, SIDE, SIDE, 3) and a.dtype == np.uint8
+
+
+def test_tokenizer_makes_each_vocabulary_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from models.shapes.tokenizer import write_clip_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tok", vocabulary()))
+    for word in vocabulary():
+        assert len(tok(word).input_ids) == 3, word  # BOS, the word, EOS
+    ids = tok("a zebra").input_ids  # unknown words still tokenize, as characters
+    assert len(ids) > 4
