@@ -1,9 +1,9 @@
 """A small CLIP BPE vocabulary of our own, written as vocab.json + merges.txt for ``CLIPTokenizer``.
 
 CLIP's tokenizer is byte-level BPE: text is lower-cased, split into words, each word's last symbol
-gets a ``</w>`` suffix, and merges join adjacent symbols. We build merges that join each vocabulary
-word, left to right, into a single token, so every known word is one token and unknown text still
-tokenizes (as characters) instead of failing.
+gets a ``</w>`` suffix, and merges join adjacent symbols. We learn merges until each vocabulary word
+is a single token, so every known word is one token and unknown text still tokenizes (as characters and
+known pieces) instead of failing.
 """
 
 from __future__ import annotations
@@ -29,20 +29,35 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level symbols, then BPE merges learned the standard way (most frequent adjacent pair first)
+    until every word is a single token. Learning in frequency order, rather than joining each word left
+    to right, matters: the tokenizer applies merges by rank, so ad-hoc merges of one word can split another."""
     symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in words if w}):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            joined = parts[0] + parts[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(joined, len(vocab))
-            parts = [joined] + parts[2:]
+    segs = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted({w.lower() for w in words if w})]
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seg in segs:
+            for pair in zip(seg, seg[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))  # most frequent; ties broken deterministically
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for k, seg in enumerate(segs):
+            out, i = [], 0
+            while i < len(seg):
+                if i + 1 < len(seg) and (seg[i], seg[i + 1]) == best:
+                    out.append(seg[i] + seg[i + 1])
+                    i += 2
+                else:
+                    out.append(seg[i])
+                    i += 1
+            segs[k] = out
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return vocab, merges
