@@ -9,12 +9,14 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from models.cli import add_generate_parser, add_test_model_parser
+    from models.shapes.cli import add_parsers as add_shapes_parsers
 
     parser = argparse.ArgumentParser(prog="diffuserve", description="Text-to-image latent diffusion, served.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_test_model_parser(sub)
+    add_shapes_parsers(sub)
     return parser
 
 

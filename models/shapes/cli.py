@@ -1,0 +1,80 @@
+"""``diffuserve train shapes`` and ``diffuserve eval shapes``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+STAGES = ("vae", "base", "outline", "stripes")  # models.shapes.train.STAGES, without importing torch here
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the bundled 'shapes' model from a seed (resumable)")
+    p.add_argument("what", choices=["shapes"])
+    p.add_argument("--stage", action="append", choices=[*STAGES, "export"],
+                   help="stage(s) to run (default: all, in order)")
+    p.add_argument("--run-dir", default="runs/shapes")
+    p.add_argument("--out", help="pipeline directory to write (default: models/zoo/shapes)")
+    p.add_argument("--minutes", type=float, help="stop (after checkpointing) when this much time has passed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--base-steps", type=int)
+    p.add_argument("--base-images", type=int)
+    p.add_argument("--lora-steps", type=int)
+    p.add_argument("--batch", type=int, help="batch size for every stage")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="measure prompt adherence and the adapters' effect")
+    e.add_argument("what", choices=["shapes"])
+    e.add_argument("--model", help="pipeline directory (default: models/zoo/shapes)")
+    e.add_argument("-n", type=int, default=200)
+    e.add_argument("--steps", type=int)
+    e.add_argument("--no-adapters", action="store_true")
+    e.add_argument("--json", help="also write the report here")
+    e.set_defaults(func=run_eval)
+
+
+def config_from(args: argparse.Namespace):  # -> TrainConfig
+    from models.shapes.train import TrainConfig
+
+    cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads)
+    if args.out:
+        cfg.out_dir = Path(args.out)
+    for name in ("vae_steps", "base_steps", "base_images", "lora_steps"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.batch:
+        cfg.vae_batch = cfg.base_batch = cfg.lora_batch = args.batch
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from models.shapes.train import export_pipeline, run
+
+    cfg = config_from(args)
+    stages = tuple(args.stage or STAGES)
+    if stages == ("export",):
+        print(f"exported {export_pipeline(cfg)}")
+        return 0
+    run(cfg, tuple(s for s in stages if s != "export"), args.minutes)
+    if "export" in stages:
+        export_pipeline(cfg)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from models.cli import DEFAULT_MODEL, default_lora_dir
+    from models.engine import Engine
+    from models.loading import load_pipeline
+    from models.shapes.evaluate import evaluate, format_report
+
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    lora_dir = default_lora_dir(model_dir)
+    engine = Engine(load_pipeline(model_dir), lora_dir=str(lora_dir) if lora_dir else None)
+    report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0

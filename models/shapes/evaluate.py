@@ -1,0 +1,160 @@
+"""Measuring the ``shapes`` model: does the image show what the prompt says?
+
+``analyze`` reads an image back into attributes (background colour, object colour, shape, position cell,
+size, outline, stripes) by plain image analysis; ``evaluate`` generates held-out prompts naming all five
+attributes and reports per-attribute accuracy, the adapters' effect at scales 0, 0.5 and 1, and the time
+of one image. The analyser is itself tested on ground-truth renders (tests/test_shapes_eval.py).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.shapes.data import COLORS, SIDE, full_caption, random_scene, stripe_shade
+
+NAMES = list(COLORS)
+PALETTE = np.array([COLORS[n] for n in NAMES], dtype=float)
+SHADES = np.array([stripe_shade(COLORS[n], n) for n in NAMES], dtype=float)
+ATTRIBUTES = ("color", "background", "shape", "position", "size")
+
+
+def nearest(rgb: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """Index of the nearest palette colour for each pixel (..., 3)."""
+    d = ((rgb[..., None, :].astype(float) - palette) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+@dataclass
+class Reading:
+    background: str
+    color: str | None
+    shape: str | None
+    position: str | None
+    size: str | None
+    outline: bool
+    stripes: bool
+
+
+POSITION_NAMES = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "left", (1, 1): "center",
+                  (2, 1): "right", (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Mask plus every region not reachable from the border without crossing it (an outline's interior)."""
+    free = ~np.pad(mask, 1)
+    reached = np.zeros_like(free)
+    reached[0, :] = reached[-1, :] = reached[:, 0] = reached[:, -1] = True
+    while True:  # grow from the border through non-mask pixels (4-connected) until nothing changes
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= free
+        if np.array_equal(grown, reached):
+            return ~reached[1:-1, 1:-1]
+        reached = grown
+
+
+def nearest_cell(c: float, extent: float) -> int:
+    """The grid cell whose placement (centre moved inward to fit an object this big) is nearest to c."""
+    half = extent / 2
+    places = [min(max((2 * k + 1) / 6 * SIDE, half + 1), SIDE - half - 1) for k in range(3)]
+    return int(np.argmin([abs(c - p) for p in places]))
+
+
+def analyze(img: np.ndarray) -> Reading:
+    px = img.astype(float)
+    border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3), px[:, :2].reshape(-1, 3),
+                             px[:, -2:].reshape(-1, 3)])
+    # A border pixel votes for a background colour if it is near that colour or near its stripe shade.
+    both = np.concatenate([PALETTE, SHADES])
+    votes = nearest(border, both) % len(NAMES)
+    bg = int(np.bincount(votes, minlength=len(NAMES)).argmax())
+    near_shade = ((border - SHADES[bg]) ** 2).sum(-1) < ((border - PALETTE[bg]) ** 2).sum(-1)
+    stripes = 0.2 <= near_shade.mean() <= 0.8
+    d_bg = np.sqrt(((px - PALETTE[bg]) ** 2).sum(-1))
+    d_shade = np.sqrt(((px - SHADES[bg]) ** 2).sum(-1))
+    mask = np.minimum(d_bg, d_shade if stripes else np.inf) > 60
+    if mask.sum() < 12:
+        return Reading(NAMES[bg], None, None, None, None, False, stripes)
+    color = NAMES[int(np.bincount(nearest(px[mask]), minlength=len(NAMES)).argmax())]
+    filled = fill_holes(mask)
+    ys, xs = np.nonzero(filled)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    outline = (filled.sum() - mask.sum()) > 0.12 * filled.sum()
+    ratio = filled.sum() / float(w * h)
+    shape = "square" if ratio > 0.9 else "circle" if ratio > 0.64 else "triangle"
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    cell = (nearest_cell(cx, w), nearest_cell(cy, h))
+    size = "small" if max(w, h) < 23 else "large"
+    return Reading(NAMES[bg], color, shape, POSITION_NAMES[cell], size, bool(outline), bool(stripes))
+
+
+def held_out_scenes(n: int, seed: int = 10_000) -> list[Any]:
+    """Evaluation scenes from a seed range training never uses."""
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+def evaluate(engine: Any, n: int = 200, seed: int = 10_000, steps: int | None = None, batch: int = 16,
+             adapters: bool = True) -> dict[str, Any]:
+    from models.engine import GenerationRequest
+
+    scenes = held_out_scenes(n, seed)
+    reqs = [GenerationRequest(full_caption(s), steps=steps, seed=seed + i) for i, s in enumerate(scenes)]
+    readings = []
+    for b in range(0, n, batch):
+        for res in engine.generate(reqs[b : b + batch], max_batch=batch):
+            readings.append(analyze(res.images[0]))
+    report: dict[str, Any] = {"n": n}
+    for attr in ATTRIBUTES:
+        truth = [getattr(s, attr) for s in scenes]
+        got = [getattr(r, attr) for r in readings]
+        report[attr] = sum(t == g for t, g in zip(truth, got, strict=True)) / n
+    if adapters:
+        report["adapters"] = adapter_effect(engine, scenes[: min(n, 100)], seed, steps, batch)
+    t0 = time.perf_counter()
+    engine.generate([GenerationRequest(full_caption(scenes[0]), steps=steps, seed=seed)])
+    report["seconds_per_image"] = time.perf_counter() - t0
+    return report
+
+
+def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None, batch: int) -> dict[str, float]:
+    from models.engine import GenerationRequest
+
+    out: dict[str, float] = {}
+    names = engine.registry.names()
+    combos = [((name, s),) for name in ("outline", "stripes") if name in names for s in (0.0, 0.5, 1.0)]
+    if {"outline", "stripes"} <= set(names):
+        combos.append((("outline", 1.0), ("stripes", 1.0)))
+    for combo in combos:
+        reqs = [GenerationRequest(full_caption(s), steps=steps, seed=seed + i, loras=combo) for i, s in enumerate(scenes)]
+        shown = {"outline": 0, "stripes": 0, "both": 0}
+        for b in range(0, len(reqs), batch):
+            for res in engine.generate(reqs[b : b + batch], max_batch=batch):
+                r = analyze(res.images[0])
+                shown["outline"] += r.outline
+                shown["stripes"] += r.stripes
+                shown["both"] += r.outline and r.stripes
+        if len(combo) == 2:
+            out["outline+stripes@1 both"] = shown["both"] / len(scenes)
+        else:
+            name, scale = combo[0]
+            out[f"{name}@{scale:g}"] = shown[name] / len(scenes)
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"held-out prompts: {report['n']}"]
+    for attr in ATTRIBUTES:
+        lines.append(f"{attr:>12}: {report[attr] * 100:5.1f}%")
+    for k, v in report.get("adapters", {}).items():
+        lines.append(f"{k:>24}: {v * 100:5.1f}%")
+    lines.append(f"one image: {report['seconds_per_image']:.2f} s")
+    return "\n".join(lines)

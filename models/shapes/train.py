@@ -1,0 +1,349 @@
+"""Training the bundled ``shapes`` model from a seed: VAE, then text encoder + UNet, then each LoRA adapter.
+
+    diffuserve train shapes                      # all stages, resuming from runs/shapes if present
+    diffuserve train shapes --stage base --minutes 30
+
+Each stage checkpoints to ``<run>/<stage>/`` (weights as safetensors, optimizer state with
+``torch.load(weights_only=True)``) every few minutes and at its end, so an interrupted run resumes where
+it stopped. ``export`` writes the diffusers pipeline directory plus ``loras/{outline,stripes}.safetensors``.
+
+The denoiser is trained with the epsilon objective of Ho et al. (Algorithm 1): x_t = sqrt(abar_t) x_0 +
+sqrt(1 - abar_t) eps, loss ||eps - eps_theta(x_t, t, c)||^2, weighted by min(SNR_t, 5) / SNR_t (Hang et al.
+2023) to speed convergence; captions are dropped 10% of the time so classifier-free guidance works; an EMA
+of the weights is what gets exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from models.schedules import NoiseSchedule
+from models.shapes import architecture as arch
+from models.shapes.data import caption, random_scene, render
+
+log = logging.getLogger(__name__)
+STAGES = ("vae", "base", "outline", "stripes")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Path = Path("runs/shapes")
+    out_dir: Path = Path(__file__).resolve().parents[1] / "zoo" / "shapes"
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    base_steps: int = 3000
+    base_batch: int = 64
+    base_images: int = 30000
+    lora_steps: int = 600
+    lora_batch: int = 32
+    lr: float = 1e-3
+    lora_lr: float = 1e-3
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_minutes: float = 3.0
+    threads: int = 0  # 0: torch's default
+
+
+# -- data ---------------------------------------------------------------------------------------
+def sample_scenes(rng: random.Random, n: int, styles: tuple[str, ...]) -> list[Any]:
+    return [random_scene(rng, rng.choice(styles)) for _ in range(n)]
+
+
+def render_batch(rng: random.Random, n: int, styles: tuple[str, ...]) -> tuple[torch.Tensor, list[Any]]:
+    scenes = sample_scenes(rng, n, styles)
+    x = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, scenes
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+class Checkpoint:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").is_file()
+
+    def save(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, m in modules.items():
+            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        tmp.rename(self.dir)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+    def load(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None) -> dict:
+        for name, m in modules.items():
+            m.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
+        if opt is not None:
+            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+        return json.loads((self.dir / "state.json").read_text())
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+def loop(name: str, total: int, step_fn, ckpt: Checkpoint, save_fn, start: int, minutes: float | None,
+         every_minutes: float) -> int:
+    """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer."""
+    from tqdm import tqdm
+
+    t_end = time.monotonic() + minutes * 60 if minutes else math.inf
+    last = time.monotonic()
+    step = start
+    with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar:
+        while step < total and time.monotonic() < t_end:
+            loss = step_fn(step)
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if time.monotonic() - last > every_minutes * 60:
+                save_fn(step)
+                last = time.monotonic()
+    save_fn(step)
+    return step
+
+
+# -- stage 1: VAE ---------------------------------------------------------------------------------
+def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
+    ckpt = Checkpoint(cfg.run_dir / "vae")
+    vae = arch.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = ckpt.load({"vae": vae}, opt)["step"] if ckpt.exists() else 0
+    rng = random.Random(cfg.seed * 1000 + start)
+    vae.train()
+
+    def step_fn(step: int) -> float:
+        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
+         cfg.checkpoint_minutes)
+
+
+def load_vae(cfg: TrainConfig) -> Any:
+    vae = arch.build_vae()
+    Checkpoint(cfg.run_dir / "vae").load({"vae": vae}, None)
+    return vae.eval().requires_grad_(False)
+
+
+# -- stage 2: text encoder + UNet --------------------------------------------------------------------
+@torch.no_grad()
+def encode_dataset(vae: Any, n: int, seed: int, style: str) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """Pre-render and pre-encode n scenes: the VAE posterior's mean and std, and the scenes."""
+    rng = random.Random(seed)
+    means, stds, scenes = [], [], []
+    for b in range(0, n, 256):
+        x, sc = render_batch(rng, min(256, n - b), (style,))
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        scenes += sc
+    return torch.cat(means), torch.cat(stds), scenes
+
+
+def latent_scale(means: torch.Tensor) -> float:
+    """SD's convention: scale latents to unit variance (1 / std of the posterior means)."""
+    return float(1.0 / means.flatten().std())
+
+
+class Denoising:
+    """The shared epsilon-objective step used by the base and the LoRA stages."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, unet: Any, cfg: TrainConfig, seed: int) -> None:
+        self.tok, self.te, self.unet, self.cfg = tokenizer, text_encoder, unet, cfg
+        sched = NoiseSchedule.from_config(arch.SCHEDULER_CONFIG)
+        self.abar = torch.from_numpy(sched.alphas_cumprod).float()
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def loss(self, z0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        ids = self.tok(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
+                       return_tensors="pt").input_ids
+        emb = self.te(ids)[0]
+        b = z0.shape[0]
+        t = torch.randint(0, len(self.abar), (b,), generator=self.gen)
+        eps = torch.randn(z0.shape, generator=self.gen)
+        a = self.abar[t].view(b, 1, 1, 1)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = self.unet(x_t, t, encoder_hidden_states=emb).sample
+        snr = a / (1 - a)
+        w = (torch.clamp(snr, max=5.0) / snr).view(b)
+        return (F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+
+    def captions(self, scenes: list[Any]) -> list[str]:
+        return ["" if self.rng.random() < self.cfg.caption_dropout else caption(s, self.rng) for s in scenes]
+
+
+def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
+    ckpt = Checkpoint(cfg.run_dir / "base")
+    tok_dir = cfg.run_dir / "tokenizer"
+    tokenizer = arch.build_tokenizer(tok_dir)
+    vae = load_vae(cfg)
+    torch.manual_seed(cfg.seed)
+    unet, te = arch.build_unet(), arch.build_text_encoder(tok_dir)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    modules = {"unet": unet, "text_encoder": te, "ema_unet": ema_unet, "ema_text_encoder": ema_te}
+    state = ckpt.load(modules, opt) if ckpt.exists() else {"step": 0}
+    cache = cfg.run_dir / "base_latents.safetensors"
+    if cache.is_file():
+        lat = load_file(cache)
+        mean, std = lat["mean"], lat["std"]
+        scenes = encode_scenes_only(cfg.base_images, cfg.seed + 1)
+    else:
+        mean, std, scenes = encode_dataset(vae, cfg.base_images, cfg.seed + 1, "plain")
+        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, cache)
+    scale = latent_scale(mean)
+    (cfg.run_dir / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
+    job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"])
+    unet.train()
+    te.train()
+
+    def step_fn(step: int) -> float:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 500) * (0.5 * (1 + math.cos(math.pi * step / cfg.base_steps)))
+        idx = torch.randint(0, len(scenes), (cfg.base_batch,), generator=job.gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
+        loss = job.loss(z0, job.captions([scenes[i] for i in idx.tolist()]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
+        ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
+        return float(loss)
+
+    loop("base", cfg.base_steps, step_fn, ckpt, lambda s: ckpt.save(modules, opt, s, {}), state["step"], minutes,
+         cfg.checkpoint_minutes)
+
+
+def encode_scenes_only(n: int, seed: int) -> list[Any]:
+    """The scenes of ``encode_dataset`` without rendering (same RNG stream), for a cached latent set."""
+    rng = random.Random(seed)
+    scenes: list[Any] = []
+    for b in range(0, n, 256):
+        scenes += sample_scenes(rng, min(256, n - b), ("plain",))
+    return scenes
+
+
+# -- stage 3: LoRA adapters ---------------------------------------------------------------------------
+def export_pipeline(cfg: TrainConfig, out: Path | None = None) -> Path:
+    """Write the diffusers pipeline directory from the VAE and the base stage's EMA weights."""
+    out = out or cfg.out_dir
+    tok_dir = cfg.run_dir / "tokenizer"
+    vae = load_vae(cfg)
+    vae.register_to_config(scaling_factor=json.loads((cfg.run_dir / "latent_scale.json").read_text())["scaling_factor"])
+    unet, te = arch.build_unet(), arch.build_text_encoder(tok_dir)
+    Checkpoint(cfg.run_dir / "base").load({"ema_unet": unet, "ema_text_encoder": te}, None)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+        m.save_pretrained(out / name, safe_serialization=True)
+    shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
+    arch.write_pipeline_files(out)
+    return out
+
+
+def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Path:
+    """Fine-tune a rank-8 LoRA (PEFT, saved in diffusers' format) on one style, base model frozen."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from models.loading import load_pipeline
+
+    model = load_pipeline(cfg.out_dir, device="cpu")
+    unet, te, vae = model.unet, model.text_encoder, model.vae
+    unet.add_adapter(LoraConfig(r=arch.LORA_RANK, lora_alpha=arch.LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=list(arch.LORA_TARGETS)))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lora_lr)
+    ckpt = Checkpoint(cfg.run_dir / f"lora_{style}")
+    lora_module = _ParamBag(unet)
+    state = ckpt.load({"lora": lora_module}, opt) if ckpt.exists() else {"step": 0}
+    mean, std, scenes = encode_dataset(vae, cfg.lora_batch * 200, cfg.seed + 2 + STAGES.index(style), style)
+    scale = vae.config.scaling_factor
+    job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"])
+    unet.train()
+
+    def step_fn(step: int) -> float:
+        idx = torch.randint(0, len(scenes), (cfg.lora_batch,), generator=job.gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
+        loss = job.loss(z0, job.captions([scenes[i] for i in idx.tolist()]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    loop(f"lora {style}", cfg.lora_steps, step_fn, ckpt, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
+         state["step"], minutes, cfg.checkpoint_minutes)
+    (cfg.out_dir / "loras").mkdir(exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        cfg.out_dir / "loras", unet_lora_layers=get_peft_model_state_dict(unet), weight_name=f"{style}.safetensors"
+    )
+    return cfg.out_dir / "loras" / f"{style}.safetensors"
+
+
+class _ParamBag(torch.nn.Module):
+    """Exposes only a model's trainable parameters as a state dict (LoRA checkpoints)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._model = [model]
+
+    def state_dict(self, *a, **k):  # type: ignore[override]
+        return {n: p.detach() for n, p in self._model[0].named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, sd, strict: bool = True):  # type: ignore[override]
+        params = dict(self._model[0].named_parameters())
+        with torch.no_grad():
+            for n, v in sd.items():
+                params[n].copy_(v)
+
+
+def run(cfg: TrainConfig, stages: tuple[str, ...] = STAGES, minutes: float | None = None) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps({k: str(v) for k, v in asdict(cfg).items()}, indent=2))
+    t0 = time.monotonic()
+    for stage in stages:
+        left = None if minutes is None else max(0.1, minutes - (time.monotonic() - t0) / 60)
+        if stage == "vae":
+            train_vae(cfg, left)
+        elif stage == "base":
+            train_base(cfg, left)
+            export_pipeline(cfg)
+        else:
+            train_lora(cfg, stage, left)
+    log.info("stages %s done in %.1f min", stages, (time.monotonic() - t0) / 60)
