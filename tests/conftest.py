@@ -53,3 +53,20 @@ def stock_pipe(tiny_model_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from tests.redis_server import TestRedis
+
+    server = TestRedis()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def r(redis_server):
+    client = redis_server.client()
+    client.flushdb()
+    yield client
+    client.close()

@@ -1,0 +1,221 @@
+"""The worker against a real Redis: lifecycle, continuous batching, cancel, deadlines, reclaim, faults."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.engine import GenerationRequest
+from workers.contract import GROUP, JobRequest, Keys, queue_job
+from workers.worker import Worker, WorkerSettings, to_generation_request
+
+KEYS = Keys()
+
+
+def make_request(**kw) -> JobRequest:
+    base = dict(model="tiny", prompt="a red circle", width=32, height=32, steps=6, guidance_scale=5.0, seed=1,
+                sampler="euler")
+    base.update(kw)
+    return JobRequest(**base)
+
+
+def enqueue(r, req: JobRequest) -> str:
+    job_id = uuid.uuid4().hex
+    with r.pipeline(transaction=True) as p:
+        queue_job(p, KEYS, job_id, req)
+        p.execute()
+    return job_id
+
+
+def status(r, job_id):
+    return {k.decode(): v.decode() for k, v in r.hgetall(KEYS.job(job_id)).items()}
+
+
+def image(r, job_id, i=0):
+    return np.asarray(Image.open(io.BytesIO(r.get(KEYS.image(job_id, i)))))
+
+
+@pytest.fixture()
+def worker(r, redis_server, engine):
+    def make(**kw):
+        settings = WorkerSettings(redis_url=redis_server.url, model_name="tiny", block_ms=10, **kw)
+        return Worker(settings, engine, r)
+
+    return make
+
+
+def test_job_runs_to_success_with_the_engines_image(r, worker, engine):
+    req = make_request(n=2, seed=40)
+    job_id = enqueue(r, req)
+    w = worker()
+    w.run(burst=True)
+    st = status(r, job_id)
+    assert st["status"] == "succeeded" and st["images"] == "2" and st["seeds"] == "40,41"
+    want = engine.generate([to_generation_request(req)])[0].images
+    for i in range(2):
+        assert np.array_equal(image(r, job_id, i), want[i])
+    assert r.xlen(KEYS.jobs("tiny")) == 0  # acknowledged entries are deleted
+    assert r.zcard(KEYS.queued("tiny")) == 0
+    assert r.ttl(KEYS.job(job_id)) > 0
+    kinds = [f[b"kind"] for _, f in r.xrange(KEYS.events(job_id))]
+    assert kinds[0] == b"queued" and kinds[1] == b"started" and kinds[-1] == b"succeeded"
+    assert kinds.count(b"progress") == 6
+
+
+def test_joining_a_running_batch_gives_the_same_image(r, worker, engine):
+    late = make_request(prompt="a blue square", seed=9, steps=8, sampler="dpmpp_2m")
+    alone = engine.generate([to_generation_request(late)])[0].images[0]
+    w = worker()
+    long_job = enqueue(r, make_request(steps=20, seed=3))
+    for _ in range(5):
+        w.tick()
+    assert status(r, long_job)["status"] == "running"
+    late_id = enqueue(r, late)
+    w.tick()
+    assert late_id in w.active and long_job in w.active  # admitted between steps, not after the batch
+    w.run(burst=True)
+    assert status(r, late_id)["status"] == "succeeded"
+    assert np.abs(image(r, late_id).astype(int) - alone.astype(int)).max() <= 2
+
+
+def test_request_level_batching_waits_for_the_batch(r, worker):
+    w = worker(batching="request")
+    first = enqueue(r, make_request(steps=10))
+    for _ in range(3):
+        w.tick()
+    second = enqueue(r, make_request(steps=3))
+    for _ in range(3):
+        w.tick()
+    assert first in w.active and second not in w.active
+    w.run(burst=True)
+    assert status(r, second)["status"] == "succeeded"
+
+
+def test_cancel_queued_and_running(r, worker):
+    queued = enqueue(r, make_request())
+    r.hset(KEYS.job(queued), "cancel", 1)
+    w = worker()
+    w.tick()
+    assert status(r, queued)["status"] == "canceled"
+    running = enqueue(r, make_request(steps=30))
+    w.tick()
+    w.tick()
+    r.hset(KEYS.job(running), "cancel", 1)
+    w.tick()
+    st = status(r, running)
+    assert st["status"] == "canceled" and int(st["progress_step"]) < 30
+    assert running not in w.active and r.get(KEYS.image(running, 0)) is None
+
+
+def test_deadline_passed_never_starts(r, worker):
+    job = enqueue(r, make_request(deadline=time.time() - 1))
+    worker().run(burst=True)
+    st = status(r, job)
+    assert st["status"] == "expired" and "deadline" in st["error"] and st.get("started") is None
+
+
+def test_invalid_job_fails_with_reason_and_others_continue(r, worker):
+    bad = enqueue(r, make_request(loras=[{"name": "nope", "scale": 1.0}]))
+    good = enqueue(r, make_request())
+    worker().run(burst=True)
+    assert status(r, bad)["status"] == "failed" and "nope" in status(r, bad)["error"]
+    assert status(r, good)["status"] == "succeeded"
+
+
+def test_fault_in_a_batch_fails_only_that_job(r, worker):
+    jobs = [enqueue(r, make_request(seed=i)) for i in range(3)]
+    faulty = enqueue(r, make_request(fault="raise"))
+    oom = enqueue(r, make_request(n=2, fault="oom"))
+    worker(faults=True).run(burst=True)
+    assert status(r, faulty)["status"] == "failed" and "injected fault" in status(r, faulty)["error"]
+    assert status(r, oom)["status"] == "failed"
+    assert all(status(r, j)["status"] == "succeeded" for j in jobs)
+
+
+def test_faults_ignored_unless_enabled(r, worker):
+    job = enqueue(r, make_request(fault="raise"))
+    worker().run(burst=True)
+    assert status(r, job)["status"] == "succeeded"
+
+
+def test_dead_workers_job_is_claimed_and_completed(r, worker):
+    job = enqueue(r, make_request())
+    Worker.ensure_group(r, KEYS.jobs("tiny"))
+    r.xreadgroup(GROUP, "dead-worker", {KEYS.jobs("tiny"): ">"}, count=1)  # taken, never acknowledged
+    r.hincrby(KEYS.job(job), "attempts", 1)
+    w = worker(claim_idle_ms=100, heartbeat_s=0.0)
+    w.tick()
+    assert job not in w.active  # not idle long enough yet
+    time.sleep(0.2)
+    w.run(burst=True)
+    st = status(r, job)
+    assert st["status"] == "succeeded" and st["attempts"] == "2"
+
+
+def test_healthy_long_job_is_not_claimed_away(r, worker, engine):
+    job = enqueue(r, make_request(steps=40))
+    a = worker(claim_idle_ms=1000, heartbeat_s=0.0)
+    other = Worker(WorkerSettings(redis_url="unused", model_name="tiny", name="other", claim_idle_ms=1000,
+                                  heartbeat_s=0.0, block_ms=10), engine, r)
+    a.tick()
+    for _ in range(6):  # 1.8 s in all, longer than claim_idle_ms: only the keep-alive protects the job
+        time.sleep(0.3)
+        a.tick()
+        other.tick()
+    assert job in a.active and job not in other.active
+    time.sleep(1.1)  # control: once its worker stops ticking (dies), the same job is claimed
+    other.tick()
+    assert job in other.active
+
+
+def test_poison_job_fails_after_max_deliveries(r, worker):
+    job = enqueue(r, make_request())
+    r.hset(KEYS.job(job), "attempts", 3)  # three workers already died on it
+    worker(max_deliveries=3).run(burst=True)
+    st = status(r, job)
+    assert st["status"] == "failed" and "poison" in st["error"]
+
+
+def test_duplicate_delivery_of_a_finished_job_is_acknowledged_only(r, worker):
+    job = enqueue(r, make_request())
+    w = worker()
+    w.run(burst=True)
+    png = r.get(KEYS.image(job, 0))
+    r.xadd(KEYS.jobs("tiny"), {"id": job})  # at-least-once: delivered again
+    w.run(burst=True)
+    assert r.get(KEYS.image(job, 0)) == png and status(r, job)["status"] == "succeeded"
+
+
+def test_missing_record_is_dropped_not_crashed(r, worker):
+    Worker.ensure_group(r, KEYS.jobs("tiny"))
+    r.xadd(KEYS.jobs("tiny"), {"id": "ghost"})
+    w = worker()
+    w.run(burst=True)
+    assert r.xlen(KEYS.jobs("tiny")) == 0
+
+
+def test_heartbeat_and_shutdown_hand_back(r, worker):
+    job = enqueue(r, make_request(steps=30))
+    w = worker(heartbeat_s=0.0, claim_idle_ms=10_000)
+    w.tick()
+    w.tick()  # the heartbeat is written at the start of a tick
+    hb = {k.decode(): v.decode() for k, v in r.hgetall(KEYS.worker(w.s.name)).items()}
+    assert hb["model"] == "tiny" and hb["device"] == "cpu" and int(hb["batch"]) == 1
+    w.stop()
+    w.shutdown()
+    assert r.exists(KEYS.worker(w.s.name)) == 0
+    assert status(r, job)["status"] == "queued"
+    w2 = worker(heartbeat_s=0.0, claim_idle_ms=10_000)
+    w2.s.name = "second"
+    w2.run(burst=True)
+    assert status(r, job)["status"] == "succeeded"
+
+
+def test_generation_request_mapping():
+    g = to_generation_request(make_request(loras=[{"name": "a", "scale": 0.5}], n=3))
+    assert isinstance(g, GenerationRequest) and g.loras == (("a", 0.5),) and g.n == 3 and g.init_image is None

@@ -1,0 +1,330 @@
+"""The GPU (or CPU) worker: a Redis Streams consumer driving the engine's step API with continuous batching.
+
+One loop, one tick at a time:
+  1. admit   read new jobs (XREADGROUP) while the batch has room; between two denoising steps, not
+             after a whole batch ("request" batching, for comparison, admits only when idle)
+  2. cancel  drop the samples of jobs canceled since the last tick (DELETE /v1/jobs/{id})
+  3. step    one UNet call for one group (same size and adapter set), oldest job's group first
+  4. finish  decode finished jobs' samples, write PNGs and the final state, XACK, XDEL
+  5. upkeep  heartbeat; keep in-flight entries' idle time fresh (XCLAIM JUSTID); claim the entries of
+             dead workers (XAUTOCLAIM past ``claim_idle_ms``); fail a job as poison after N deliveries
+
+Delivery is at least once; result writes are idempotent (a job already final is never rewritten), so every
+accepted job ends in exactly one final state. A failure in a batch is bisected down to the job that causes
+it (this also retries smaller batches on out-of-memory); other jobs and the worker carry on.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from models.errors import DiffuserveError
+from workers.contract import GROUP, JobRequest, JobStatus, Keys, encode_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSettings:
+    redis_url: str
+    model_name: str = "shapes"
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    max_batch: int = 16
+    batching: str = "continuous"  # or "request"
+    result_ttl_s: int = 3600
+    claim_idle_ms: int = 15_000
+    max_deliveries: int = 3
+    heartbeat_s: float = 1.0
+    block_ms: int = 200
+    faults: bool = False  # test-only fault hooks (JobRequest.fault); never on in production
+    prefix: str = "diffuserve"
+
+
+@dataclass
+class ActiveJob:
+    id: str
+    msg_id: str
+    request: JobRequest
+    samples: list[Any]
+    admitted: float
+    started: float
+    last_progress: int = -1
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=10)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engine: Any, r: redis.Redis | None = None) -> None:
+        self.s = settings
+        self.engine = engine
+        self.r = r or connect(settings.redis_url)
+        self.keys = Keys(settings.prefix)
+        self.stream = self.keys.jobs(settings.model_name)
+        self.active: dict[str, ActiveJob] = {}
+        self.jobs_done = 0
+        self.stopping = False
+        self._last_upkeep = 0.0
+        self.ensure_group(self.r, self.stream)
+
+    @staticmethod
+    def ensure_group(r: redis.Redis, stream: str) -> None:
+        try:
+            r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self, *, burst: bool = False, max_seconds: float | None = None) -> None:
+        """Serve until ``stop()``; with ``burst``, return once the queue is drained (tests, arq-style)."""
+        t_end = time.monotonic() + max_seconds if max_seconds else None
+        while not self.stopping:
+            worked = self.tick()
+            if burst and not worked and not self.active:
+                break
+            if t_end and time.monotonic() > t_end:
+                break
+        self.shutdown()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def tick(self) -> bool:
+        self.upkeep()
+        admitted = self.admit()
+        self.check_cancels()
+        stepped = self.step()
+        self.finish()
+        return admitted or stepped
+
+    # -- 1. admit ----------------------------------------------------------------------------------------
+    def room(self) -> int:
+        used = sum(len(j.samples) for j in self.active.values())
+        if self.s.batching == "request" and used:
+            return 0
+        return self.s.max_batch - used
+
+    def admit(self, claimed: list[tuple[str, dict]] | None = None) -> bool:
+        entries = claimed or []
+        if not entries and self.room() > 0 and not self.stopping:
+            block = None if self.active else self.s.block_ms
+            resp = self.r.xreadgroup(GROUP, self.s.name, {self.stream: ">"}, count=max(1, self.room()), block=block)
+            for _, items in resp or []:
+                entries.extend(items)
+        for msg_id, fields in entries:
+            msg_id = msg_id.decode() if isinstance(msg_id, bytes) else msg_id
+            job_id = (fields.get(b"id") or fields.get("id") or b"").decode() if fields else ""
+            self.start(msg_id, job_id)
+        return bool(entries)
+
+    def start(self, msg_id: str, job_id: str) -> None:
+        key = self.keys.job(job_id)
+        rec = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
+        if not rec:  # the record vanished (e.g. Redis restarted without persistence): nothing to run
+            log.warning("job %s has no record; dropping its queue entry", job_id)
+            return self.ack(msg_id)
+        status = JobStatus(rec.get("status", "queued"))
+        if status.final:
+            return self.ack(msg_id)  # a duplicate delivery of a finished job
+        if rec.get("cancel") == "1":
+            return self.final(job_id, msg_id, JobStatus.canceled, error="canceled before it started")
+        request = JobRequest.model_validate_json(rec["request"])
+        if request.deadline and time.time() > request.deadline:
+            return self.final(job_id, msg_id, JobStatus.expired, error="deadline passed before the job started")
+        attempts = self.r.hincrby(key, "attempts", 1)
+        if attempts > self.s.max_deliveries:
+            return self.final(job_id, msg_id, JobStatus.failed, error=(
+                f"poison job: delivered {attempts - 1} times and never finished (each worker that took it died)"))
+        if self.s.faults and request.fault == "crash":
+            os._exit(17)  # test hook: a job that kills every worker that takes it
+        try:
+            samples = self.engine.prepare(to_generation_request(request), tag=job_id)
+        except DiffuserveError as e:
+            return self.final(job_id, msg_id, JobStatus.failed, error=e.message)
+        now = time.time()
+        self.r.hset(key, mapping={"status": "running", "started": f"{now:.3f}", "worker": self.s.name,
+                                  "progress_step": 0, "progress_total": samples[0].steps_total})
+        self.r.zrem(self.keys.queued(self.s.model_name), job_id)
+        self.r.xadd(self.keys.events(job_id), encode_event("started", worker=self.s.name, total=samples[0].steps_total))
+        self.active[job_id] = ActiveJob(job_id, msg_id, request, samples, float(rec.get("created", now)), now)
+
+    # -- 2. cancel ---------------------------------------------------------------------------------------
+    def check_cancels(self) -> None:
+        if not self.active:
+            return
+        ids = list(self.active)
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.hget(self.keys.job(job_id), "cancel")
+            flags = p.execute()
+        for job_id, flag in zip(ids, flags, strict=True):
+            if flag == b"1":
+                job = self.active.pop(job_id)
+                self.final(job_id, job.msg_id, JobStatus.canceled, error="canceled while running")
+
+    # -- 3. step -----------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        samples = [s for j in self.active.values() for s in j.samples if not s.done]
+        if not samples:
+            return False
+        groups = self.engine.groups(samples)
+        oldest = min(self.active.values(), key=lambda j: j.admitted)
+        key = next((s.group for s in oldest.samples if not s.done), next(iter(groups)))
+        self.run_batch(groups[key][: self.s.max_batch])
+        self.report_progress({s.tag for s in groups[key][: self.s.max_batch]})
+        return True
+
+    def run_batch(self, batch: list[Any]) -> None:
+        try:
+            if self.s.faults:
+                for s in batch:
+                    fault = self.active[s.tag].request.fault
+                    if fault in ("raise", "oom"):
+                        raise RuntimeError(f"injected fault: {'CUDA out of memory' if fault == 'oom' else fault}")
+            self.engine.step(batch)
+        except Exception as e:  # bisect: isolate the job(s) that fail; OOM retries in smaller batches
+            jobs = {s.tag for s in batch}
+            if len(jobs) > 1:
+                tags = sorted(jobs)
+                half = set(tags[: len(tags) // 2])
+                self.run_batch([s for s in batch if s.tag in half])
+                self.run_batch([s for s in batch if s.tag not in half])
+                return
+            if len(batch) > 1 and is_oom(e):
+                mid = len(batch) // 2
+                self.run_batch(batch[:mid])
+                self.run_batch(batch[mid:])
+                return
+            job = self.active.pop(batch[0].tag, None)
+            if job:
+                log.exception("job %s failed", job.id)
+                self.final(job.id, job.msg_id, JobStatus.failed, error=f"generation failed: {type(e).__name__}: {e}")
+
+    def report_progress(self, job_ids: set[str]) -> None:
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in job_ids:
+                job = self.active.get(job_id)
+                if not job:
+                    continue
+                step = min(s.steps_done for s in job.samples)
+                if step != job.last_progress:
+                    job.last_progress = step
+                    total = job.samples[0].steps_total
+                    p.hset(self.keys.job(job_id), "progress_step", step)
+                    p.xadd(self.keys.events(job_id), encode_event("progress", step=step, total=total))
+            p.execute()
+
+    # -- 4. finish ---------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        from models.images import to_png
+
+        done = [j for j in self.active.values() if all(s.done for s in j.samples)]
+        for job in done:
+            del self.active[job.id]
+            images = self.engine.decode(job.samples)
+            warnings = sorted({w for s in job.samples for w in s.warnings})
+            now = time.time()
+            key = self.keys.job(job.id)
+            current = self.r.hget(key, "status")
+            if current is None or JobStatus(current.decode()).final:
+                self.ack(job.msg_id)  # finished elsewhere after a reclaim, or expired: never two answers
+                continue
+            ttl = self.s.result_ttl_s
+            with self.r.pipeline(transaction=True) as p:
+                for i, img in enumerate(images):
+                    p.set(self.keys.image(job.id, i), to_png(img), ex=ttl)
+                p.hset(key, mapping={
+                    "status": JobStatus.succeeded.value, "finished": f"{now:.3f}", "images": len(images),
+                    "seeds": ",".join(str(s.seed) for s in job.samples), "warnings": "\n".join(warnings),
+                    "progress_step": job.samples[0].steps_total,
+                })
+                p.xadd(self.keys.events(job.id), encode_event("succeeded", images=len(images)))
+                p.expire(key, ttl)
+                p.expire(self.keys.events(job.id), ttl)
+                p.execute()
+            self.ack(job.msg_id)
+            self.jobs_done += 1
+
+    def final(self, job_id: str, msg_id: str, status: JobStatus, error: str = "") -> None:
+        key = self.keys.job(job_id)
+        with self.r.pipeline(transaction=True) as p:
+            p.hset(key, mapping={"status": status.value, "finished": f"{time.time():.3f}", "error": error})
+            p.xadd(self.keys.events(job_id), encode_event(status.value, error=error))
+            p.expire(key, self.s.result_ttl_s)
+            p.expire(self.keys.events(job_id), self.s.result_ttl_s)
+            p.zrem(self.keys.queued(self.s.model_name), job_id)
+            p.execute()
+        self.ack(msg_id)
+
+    def ack(self, msg_id: str) -> None:
+        with self.r.pipeline(transaction=True) as p:
+            p.xack(self.stream, GROUP, msg_id)
+            p.xdel(self.stream, msg_id)  # acknowledged: safe to delete (never trim pending entries)
+            p.execute()
+
+    # -- 5. upkeep ---------------------------------------------------------------------------------------
+    def upkeep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_upkeep < self.s.heartbeat_s:
+            return
+        self._last_upkeep = now
+        self.heartbeat()
+        if self.active:  # reset our in-flight entries' idle time, so no one claims a healthy long job
+            self.r.xclaim(self.stream, GROUP, self.s.name, 0, [j.msg_id for j in self.active.values()], justid=True)
+        if self.room() > 0 and not self.stopping:
+            res = self.r.xautoclaim(self.stream, GROUP, self.s.name, self.s.claim_idle_ms, "0-0",
+                                    count=max(1, self.room()))
+            claimed = [(mid, f) for mid, f in res[1] if f]  # res: [cursor, entries(, deleted ids on Redis 7)]
+            if claimed:
+                log.warning("claimed %d job(s) from dead workers", len(claimed))
+                self.admit(claimed)
+
+    def heartbeat(self) -> None:
+        info = self.engine.model.describe()
+        key = self.keys.worker(self.s.name)
+        with self.r.pipeline(transaction=False) as p:
+            p.hset(key, mapping={
+                "name": self.s.name, "host": socket.gethostname(), "pid": os.getpid(), "model": self.s.model_name,
+                "device": info["device"], "dtype": info["dtype"], "batch": sum(len(j.samples) for j in self.active.values()),
+                "jobs_done": self.jobs_done, "heartbeat": f"{time.time():.3f}", "version": "0.1.0",
+                "stopping": int(self.stopping),
+            })
+            p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
+            p.execute()
+
+    def shutdown(self) -> None:
+        """Hand in-flight jobs back (another worker claims them at once) and leave the live set."""
+        for job in list(self.active.values()):
+            self.r.hset(self.keys.job(job.id), mapping={"status": "queued", "worker": ""})
+            self.r.xadd(self.keys.events(job.id), encode_event("requeued", reason="worker shutting down"))
+        if self.active:  # make the entries claimable now rather than after claim_idle_ms
+            self.r.xclaim(self.stream, GROUP, "handoff", 0, [j.msg_id for j in self.active.values()], justid=True,
+                          idle=self.s.claim_idle_ms + 1)
+        self.active.clear()
+        self.r.delete(self.keys.worker(self.s.name))
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+
+
+def to_generation_request(req: JobRequest) -> Any:
+    from models.engine import GenerationRequest
+
+    init = base64.b64decode(req.init_image) if req.init_image else None
+    return GenerationRequest(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance_scale,
+        seed=req.seed, sampler=req.sampler, width=req.width, height=req.height, n=req.n,
+        loras=tuple((lora.name, lora.scale) for lora in req.loras), init_image=init,
+        strength=req.strength if init else 1.0,
+    )
