@@ -101,9 +101,23 @@ class Keys:
     def workers_pattern(self) -> str:
         return f"{self.p}:worker:*"
 
-    def throughput(self, model: str) -> str:
-        """A small hash of recent images/s per model (the 429 Retry-After estimate)."""
-        return f"{self.p}:throughput:{model}"
+    def models(self) -> str:
+        """Hash: model name -> ModelInfo JSON, written by every worker that serves it (no TTL)."""
+        return f"{self.p}:models"
+
+
+class ModelInfo(BaseModel):
+    """What the API needs to validate requests for a model and to fill their defaults."""
+
+    name: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    samplers: list[str]
+    loras: list[str] = Field(default_factory=list)
+    multiple_of: int = 8
 
 
 def encode_event(kind: str, **fields: Any) -> dict[str, str]:

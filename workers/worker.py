@@ -21,13 +21,14 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from models.errors import DiffuserveError
-from workers.contract import GROUP, JobRequest, JobStatus, Keys, encode_event
+from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, encode_event
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,21 @@ class Worker:
         self.jobs_done = 0
         self.stopping = False
         self._last_upkeep = 0.0
+        self._finished: deque[tuple[float, int]] = deque()  # (time, images): the measured throughput
+        self._born = time.time()
         self.ensure_group(self.r, self.stream)
+        self.register_model()
+
+    def register_model(self) -> None:
+        from models.samplers import SAMPLER_NAMES, canonical_sampler
+
+        m = self.engine.model
+        w, h = m.native_size
+        d = m.defaults
+        info = ModelInfo(name=self.s.model_name, width=w, height=h, steps=d.steps, guidance_scale=d.guidance,
+                         sampler=canonical_sampler(d.sampler), samplers=list(SAMPLER_NAMES),
+                         loras=self.engine.registry.names())
+        self.r.hset(self.keys.models(), self.s.model_name, info.model_dump_json())
 
     @staticmethod
     def ensure_group(r: redis.Redis, stream: str) -> None:
@@ -254,6 +269,7 @@ class Worker:
                 p.execute()
             self.ack(job.msg_id)
             self.jobs_done += 1
+            self._finished.append((now, len(images)))
 
     def final(self, job_id: str, msg_id: str, status: JobStatus, error: str = "") -> None:
         key = self.keys.job(job_id)
@@ -289,6 +305,14 @@ class Worker:
                 log.warning("claimed %d job(s) from dead workers", len(claimed))
                 self.admit(claimed)
 
+    @property
+    def images_per_s(self) -> float:
+        """Images finished over the last minute (the API's Retry-After estimate)."""
+        now = time.time()
+        while self._finished and self._finished[0][0] < now - 60:
+            self._finished.popleft()
+        return sum(n for _, n in self._finished) / max(1.0, min(60.0, now - self._born))
+
     def heartbeat(self) -> None:
         info = self.engine.model.describe()
         key = self.keys.worker(self.s.name)
@@ -297,7 +321,8 @@ class Worker:
                 "name": self.s.name, "host": socket.gethostname(), "pid": os.getpid(), "model": self.s.model_name,
                 "device": info["device"], "dtype": info["dtype"], "batch": sum(len(j.samples) for j in self.active.values()),
                 "jobs_done": self.jobs_done, "heartbeat": f"{time.time():.3f}", "version": "0.1.0",
-                "stopping": int(self.stopping),
+                "stopping": int(self.stopping), "images_per_s": f"{self.images_per_s:.4f}",
+                "max_batch": self.s.max_batch,
             })
             p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
             p.execute()
