@@ -305,7 +305,7 @@ def create_app(settings: Settings) -> FastAPI:
         r = rds(request)
         ws = await live_workers(r)
         out = []
-        for name, raw in (await r.hgetall(keys.models())).items():
+        for raw in (await r.hgetall(keys.models())).values():
             info = ModelInfo.model_validate_json(raw)
             out.append({"id": info.name, "object": "model", "created": 0, "owned_by": "diffuserve",
                         "native_size": f"{info.width}x{info.height}", "samplers": info.samplers,
