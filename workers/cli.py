@@ -17,6 +17,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_test_model_parser(sub)
     add_shapes_parsers(sub)
+
+    from server.main import add_api_args, run_api
+    from workers.main import add_worker_args, run_worker
+    from workers.supervisor import add_serve_args, run_serve
+
+    serve = sub.add_parser("serve", help="all in one: embedded Redis, the API and worker processes")
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)
+    api = sub.add_parser("api", help="the HTTP API alone, against a given Redis")
+    add_api_args(api)
+    api.set_defaults(func=run_api)
+    worker = sub.add_parser("worker", help="one worker process, against a given Redis")
+    add_worker_args(worker)
+    worker.set_defaults(func=run_worker)
     return parser
 
 

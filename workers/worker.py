@@ -74,6 +74,7 @@ class Worker:
         self.active: dict[str, ActiveJob] = {}
         self.jobs_done = 0
         self.stopping = False
+        self._grace_end = 0.0
         self._last_upkeep = 0.0
         self._finished: deque[tuple[float, int]] = deque()  # (time, images): the measured throughput
         self._born = time.time()
@@ -101,9 +102,14 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, *, burst: bool = False, max_seconds: float | None = None) -> None:
-        """Serve until ``stop()``; with ``burst``, return once the queue is drained (tests, arq-style)."""
+        """Serve until ``stop()``; with ``burst``, return once the queue is drained (tests, arq-style).
+
+        After ``stop(grace_s)`` no new job is admitted; in-flight jobs run on until they finish or the grace
+        period ends, and whatever is left is handed back to the queue for another worker."""
         t_end = time.monotonic() + max_seconds if max_seconds else None
-        while not self.stopping:
+        while True:
+            if self.stopping and (not self.active or time.monotonic() > self._grace_end):
+                break
             worked = self.tick()
             if burst and not worked and not self.active:
                 break
@@ -111,7 +117,8 @@ class Worker:
                 break
         self.shutdown()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0.0) -> None:
+        self._grace_end = time.monotonic() + grace_s
         self.stopping = True
 
     def tick(self) -> bool:

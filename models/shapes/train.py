@@ -44,7 +44,7 @@ class TrainConfig:
     run_dir: Path = Path("runs/shapes")
     out_dir: Path = Path(__file__).resolve().parents[1] / "zoo" / "shapes"
     seed: int = 0
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 16
     base_steps: int = 3000
     base_batch: int = 64
@@ -128,9 +128,15 @@ def loop(name: str, total: int, step_fn, ckpt: Checkpoint, save_fn, start: int, 
 # -- stage 1: VAE ---------------------------------------------------------------------------------
 def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
     ckpt = Checkpoint(cfg.run_dir / "vae")
+    torch.manual_seed(cfg.seed)
     vae = arch.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = ckpt.load({"vae": vae}, opt)["step"] if ckpt.exists() else 0
+    if start == 0:
+        # Start with a near-deterministic posterior (std ~ e^-5): with logvar ~ 0 the decoder first sees
+        # latents drowned in unit noise and learns washed-out averages; measured here, 2x slower to converge.
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
     rng = random.Random(cfg.seed * 1000 + start)
     vae.train()
 
@@ -227,6 +233,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
     scale = latent_scale(mean)
     (cfg.run_dir / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
     job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"])
+    torch.manual_seed(cfg.seed + state["step"])
     unet.train()
     te.train()
 

@@ -1,0 +1,108 @@
+"""End to end: the real ``diffuserve serve`` as a subprocess (embedded Redis, API, worker processes)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, lora_dir, tmp_path_factory):
+    port = free_port()
+    data = tmp_path_factory.mktemp("serve")
+    log = open(data / "serve.log", "w")  # noqa: SIM115 (lives as long as the server; a pipe could fill and block)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "serve", "--model", str(tiny_model_dir), "--lora-dir", str(lora_dir),
+         "--port", str(port), "--data-dir", str(data), "--claim-idle-ms", "1500", "--grace-s", "2"],
+        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    proc.log_path = data / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    t_end = time.monotonic() + 120
+    while time.monotonic() < t_end:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited: {proc.log_path.read_text()}")
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("serve never became ready")
+    yield base, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_generate_through_the_whole_stack(served):
+    base, _ = served
+    resp = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a red circle", "steps": 5, "seed": 1,
+                                                              "response_format": "b64_json"}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode(resp.json()["data"][0]["b64_json"]))))
+    assert img.shape == (32, 32, 3)
+    assert httpx.get(f"{base}/v1/models").json()["data"][0]["workers"] == 1
+
+
+def test_worker_sigkilled_mid_job_still_succeeds(served):
+    base, _ = served
+    job = httpx.post(f"{base}/v1/jobs", json={"prompt": "a long job", "steps": 60, "seed": 3}).json()["id"]
+    for _ in range(200):
+        st = httpx.get(f"{base}/v1/jobs/{job}").json()
+        if st["status"] == "running" and st["progress"]["step"] >= 2:
+            break
+        time.sleep(0.05)
+    victim = httpx.get(f"{base}/v1/workers").json()["data"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    t_end = time.monotonic() + 240  # the supervisor restarts the worker (model load), which claims the job
+    while time.monotonic() < t_end:
+        st = httpx.get(f"{base}/v1/jobs/{job}").json()
+        if st["status"] in ("succeeded", "failed", "canceled", "expired"):
+            break
+        time.sleep(0.2)
+    assert st["status"] == "succeeded", st
+    assert st["attempts"] == 2  # delivered to the dead worker, then to its replacement
+    assert httpx.get(st["images"][0]).status_code == 200
+    workers = httpx.get(f"{base}/v1/workers").json()["data"]
+    assert victim not in [w["pid"] for w in workers]
+
+
+def test_metrics_include_api_counters(served):
+    base, _ = served
+    text = httpx.get(f"{base}/metrics").text
+    assert "diffuserve_http_requests_total" in text and "diffuserve_queue_depth" in text
+
+
+def test_ctrl_c_stops_everything(served):
+    base, proc = served
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("serve did not stop within 60 s of Ctrl-C")
+    out = proc.log_path.read_text()
+    assert proc.returncode == 0, out
+    assert "diffuserve stopped" in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{base}/healthz", timeout=2)

@@ -1,0 +1,60 @@
+"""``diffuserve worker``: one worker process (one per GPU, or per CPU box) against a given Redis."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--redis-url", default=env("DIFFUSERVE_REDIS_URL", "redis://localhost:6379/0"))
+    p.add_argument("--model", default=env("DIFFUSERVE_MODEL"), help="pipeline directory (default: bundled shapes)")
+    p.add_argument("--model-name", default=env("DIFFUSERVE_MODEL_NAME"), help="name clients use (default: dir name)")
+    p.add_argument("--lora-dir", default=env("DIFFUSERVE_LORA_DIR"))
+    p.add_argument("--device", default=env("DIFFUSERVE_DEVICE", "auto"))
+    p.add_argument("--dtype", default=env("DIFFUSERVE_DTYPE", "auto"))
+    p.add_argument("--engine-mode", default=env("DIFFUSERVE_ENGINE_MODE", "auto"), choices=["auto", "exact", "fast"])
+    p.add_argument("--max-batch", type=int, default=int(env("DIFFUSERVE_MAX_BATCH", "16")))
+    p.add_argument("--batching", default=env("DIFFUSERVE_BATCHING", "continuous"), choices=["continuous", "request"])
+    p.add_argument("--claim-idle-ms", type=int, default=int(env("DIFFUSERVE_CLAIM_IDLE_MS", "15000")))
+    p.add_argument("--max-deliveries", type=int, default=int(env("DIFFUSERVE_MAX_DELIVERIES", "3")))
+    p.add_argument("--result-ttl-s", type=int, default=int(env("DIFFUSERVE_RESULT_TTL_S", "3600")))
+    p.add_argument("--grace-s", type=float, default=float(env("DIFFUSERVE_GRACE_S", "20")),
+                   help="on SIGTERM: finish in-flight jobs for at most this long, then hand them back")
+    p.add_argument("--prefix", default=env("DIFFUSERVE_PREFIX", "diffuserve"))
+    p.add_argument("--name", default=env("DIFFUSERVE_WORKER_NAME"))
+    p.add_argument("--enable-test-faults", action="store_true", default=env("DIFFUSERVE_TEST_FAULTS") == "1",
+                   help=argparse.SUPPRESS)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from models.cli import DEFAULT_MODEL, default_lora_dir
+    from models.engine import Engine, default_engine_mode
+    from models.loading import load_pipeline
+    from workers.worker import Worker, WorkerSettings
+
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    model = load_pipeline(model_dir, device=args.device, dtype=args.dtype, name=args.model_name)
+    lora_dir = args.lora_dir or default_lora_dir(model_dir)
+    mode = default_engine_mode(model.device) if args.engine_mode == "auto" else args.engine_mode
+    engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None)
+    settings = WorkerSettings(
+        redis_url=args.redis_url, model_name=model.name, max_batch=args.max_batch, batching=args.batching,
+        result_ttl_s=args.result_ttl_s, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
+        faults=args.enable_test_faults, prefix=args.prefix,
+    )
+    if args.name:
+        settings.name = args.name
+    worker = Worker(settings, engine)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop(args.grace_s))
+    signal.signal(signal.SIGINT, lambda *_: worker.stop(args.grace_s))
+    log.warning("worker %s serving %r on %s (%s mode)", settings.name, model.name, model.device, mode)
+    print(f"worker {settings.name} ready: model {model.name!r} on {model.device}", flush=True)
+    worker.run()
+    return 0
