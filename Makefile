@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 (a range in pyproject.toml allows others; this pins what CI runs).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint serve demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,10 +22,20 @@ lint: install
 test: install lint
 	$(PY) -m pytest
 
+# The server, all in one: embedded Redis, the API on http://127.0.0.1:8000 and a worker process.
+# Uses the bundled 'shapes' model when present, else a small random-weight test model (noise images).
+serve: install
+	@if [ -f models/zoo/shapes/model_index.json ]; then \
+	  $(VENV)/bin/diffuserve serve; \
+	else \
+	  [ -d .demo/test-model ] || $(VENV)/bin/diffuserve make-test-model .demo/test-model --scale small; \
+	  $(VENV)/bin/diffuserve serve --model .demo/test-model; \
+	fi
+
 # Generate an image from the CLI. Until the bundled 'shapes' model lands (issue 3), this uses a small
 # random-weight test model, so the picture is noise: it shows the pipeline end to end, not quality.
 demo: install
-	@if [ -d models/zoo/shapes ]; then \
+	@if [ -f models/zoo/shapes/model_index.json ]; then \
 	  $(VENV)/bin/diffuserve generate "a large red circle at the top left on a blue background" -o out.png; \
 	else \
 	  [ -d .demo/test-model ] || $(VENV)/bin/diffuserve make-test-model .demo/test-model --scale small; \

@@ -87,10 +87,14 @@ def test_worker_sigkilled_mid_job_still_succeeds(served):
     assert victim not in [w["pid"] for w in workers]
 
 
-def test_metrics_include_api_counters(served):
+def test_one_scrape_includes_api_and_worker_metrics(served):
     base, _ = served
     text = httpx.get(f"{base}/metrics").text
     assert "diffuserve_http_requests_total" in text and "diffuserve_queue_depth" in text
+    assert "diffuserve_denoise_step_seconds_bucket" in text and "diffuserve_vae_decode_seconds" in text
+    images = [ln for ln in text.splitlines() if ln.startswith("diffuserve_images_generated_total{")]
+    assert images and float(images[0].split()[-1]) >= 2  # the two jobs above, from the worker processes
+    assert "diffuserve_reclaims_total" in text
 
 
 def test_ctrl_c_stops_everything(served):

@@ -29,6 +29,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: finish in-flight jobs for at most this long, then hand them back")
     p.add_argument("--prefix", default=env("DIFFUSERVE_PREFIX", "diffuserve"))
     p.add_argument("--name", default=env("DIFFUSERVE_WORKER_NAME"))
+    p.add_argument("--metrics-port", type=int, default=int(env("DIFFUSERVE_METRICS_PORT", "0")),
+                   help="serve this worker's Prometheus metrics on this port (standalone workers)")
     p.add_argument("--enable-test-faults", action="store_true", default=env("DIFFUSERVE_TEST_FAULTS") == "1",
                    help=argparse.SUPPRESS)
 
@@ -51,6 +53,10 @@ def run_worker(args: argparse.Namespace) -> int:
     )
     if args.name:
         settings.name = args.name
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     worker = Worker(settings, engine)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop(args.grace_s))
     signal.signal(signal.SIGINT, lambda *_: worker.stop(args.grace_s))

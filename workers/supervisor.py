@@ -86,6 +86,7 @@ class Supervisor:
             for i, p in enumerate(self.procs):
                 if p is not None and p.poll() is not None and not self.stopping.is_set():
                     log.warning("worker %d exited with %s; restarting", i, p.returncode)
+                    mark_dead(p.pid, self.env)
                     self.restarts += 1
                     self.spawn(i)
 
@@ -103,6 +104,15 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def mark_dead(pid: int, env: dict[str, str]) -> None:
+    """Drop a dead worker's live gauges from the shared metrics files (its counters stay counted)."""
+    path = env.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
 
 
 def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
@@ -139,7 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
         redis = EmbeddedRedis(data_dir)
         redis_url = redis.url
     metrics_dir = Path(tempfile.mkdtemp(prefix="diffuserve-metrics-"))
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), PYTHONUNBUFFERED="1",
+               DIFFUSERVE_METRICS_PORT="0")  # the API serves every worker's metrics
     gpus = gpu_count()
     count = args.workers or max(1, gpus)
     sup = Supervisor(worker_argv(args, redis_url), count, env, gpus)

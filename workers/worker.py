@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from models.errors import DiffuserveError
+from workers import metrics as m
 from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, encode_event
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Worker:
         self._last_upkeep = 0.0
         self._finished: deque[tuple[float, int]] = deque()  # (time, images): the measured throughput
         self._born = time.time()
+        self._adapter_seen: dict[str, float] = {}
         self.ensure_group(self.r, self.stream)
         self.register_model()
 
@@ -179,6 +181,7 @@ class Worker:
         self.r.zrem(self.keys.queued(self.s.model_name), job_id)
         self.r.xadd(self.keys.events(job_id), encode_event("started", worker=self.s.name, total=samples[0].steps_total))
         self.active[job_id] = ActiveJob(job_id, msg_id, request, samples, float(rec.get("created", now)), now)
+        m.QUEUE_WAIT.observe(max(0.0, now - float(rec.get("created", now))))
 
     # -- 2. cancel ---------------------------------------------------------------------------------------
     def check_cancels(self) -> None:
@@ -202,8 +205,16 @@ class Worker:
         groups = self.engine.groups(samples)
         oldest = min(self.active.values(), key=lambda j: j.admitted)
         key = next((s.group for s in oldest.samples if not s.done), next(iter(groups)))
-        self.run_batch(groups[key][: self.s.max_batch])
-        self.report_progress({s.tag for s in groups[key][: self.s.max_batch]})
+        batch = groups[key][: self.s.max_batch]
+        first = [self.active[s.tag] for s in batch if s.steps_done == 0 and s.tag in self.active]
+        t0 = time.perf_counter()
+        self.run_batch(batch)
+        m.STEP_SECONDS.labels(f"{key[1]}x{key[0]}", str(len(batch))).observe(time.perf_counter() - t0)
+        m.BATCH_SIZE.observe(len(batch))
+        now = time.time()
+        for job in {j.id: j for j in first}.values():
+            m.FIRST_STEP.observe(max(0.0, now - job.admitted))
+        self.report_progress({s.tag for s in batch})
         return True
 
     def run_batch(self, batch: list[Any]) -> None:
@@ -253,6 +264,7 @@ class Worker:
         done = [j for j in self.active.values() if all(s.done for s in j.samples)]
         for job in done:
             del self.active[job.id]
+            t0 = time.perf_counter()
             images = self.engine.decode(job.samples)
             warnings = sorted({w for s in job.samples for w in s.warnings})
             now = time.time()
@@ -277,8 +289,15 @@ class Worker:
             self.ack(job.msg_id)
             self.jobs_done += 1
             self._finished.append((now, len(images)))
+            m.DECODE_SECONDS.observe(time.perf_counter() - t0)
+            m.INFERENCE.observe(now - job.started)
+            m.IMAGES.labels(self.s.model_name).inc(len(images))
+            m.JOBS.labels(self.s.model_name, "succeeded").inc()
 
     def final(self, job_id: str, msg_id: str, status: JobStatus, error: str = "") -> None:
+        m.JOBS.labels(self.s.model_name, status.value).inc()
+        if error.startswith("poison"):
+            m.POISON.labels(self.s.model_name).inc()
         key = self.keys.job(job_id)
         with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping={"status": status.value, "finished": f"{time.time():.3f}", "error": error})
@@ -310,6 +329,7 @@ class Worker:
             claimed = [(mid, f) for mid, f in res[1] if f]  # res: [cursor, entries(, deleted ids on Redis 7)]
             if claimed:
                 log.warning("claimed %d job(s) from dead workers", len(claimed))
+                m.RECLAIMS.labels(self.s.model_name).inc(len(claimed))
                 self.admit(claimed)
 
     @property
@@ -320,7 +340,21 @@ class Worker:
             self._finished.popleft()
         return sum(n for _, n in self._finished) / max(1.0, min(60.0, now - self._born))
 
+    def export_gauges(self) -> None:
+        m.RUNNING.labels(self.s.name).set(sum(len(j.samples) for j in self.active.values()))
+        st = self.engine.adapters.stats
+        for event in ("hits", "misses", "loads", "evictions"):
+            delta = getattr(st, event) - self._adapter_seen.get(event, 0)
+            if delta:
+                m.ADAPTER.labels(event).inc(delta)
+                self._adapter_seen[event] = getattr(st, event)
+        if st.load_seconds > self._adapter_seen.get("load_seconds", 0.0):
+            m.ADAPTER_LOAD_SECONDS.inc(st.load_seconds - self._adapter_seen.get("load_seconds", 0.0))
+            self._adapter_seen["load_seconds"] = st.load_seconds
+        m.DEVICE_MEMORY.labels(self.s.name).set(device_memory(self.engine.model.device))
+
     def heartbeat(self) -> None:
+        self.export_gauges()
         info = self.engine.model.describe()
         key = self.keys.worker(self.s.name)
         with self.r.pipeline(transaction=False) as p:
@@ -344,6 +378,19 @@ class Worker:
                           idle=self.s.claim_idle_ms + 1)
         self.active.clear()
         self.r.delete(self.keys.worker(self.s.name))
+
+
+def device_memory(device: Any) -> int:
+    """Bytes of accelerator memory in use (CUDA); the process's resident memory on CPU."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def is_oom(e: BaseException) -> bool:
