@@ -56,8 +56,8 @@ class ActiveJob:
     msg_id: str
     request: JobRequest
     samples: list[Any]
-    admitted: float
-    started: float
+    created: float  # enqueue time
+    started: float  # admission into the batch
     last_progress: int = -1
 
 
@@ -203,7 +203,7 @@ class Worker:
         if not samples:
             return False
         groups = self.engine.groups(samples)
-        oldest = min(self.active.values(), key=lambda j: j.admitted)
+        oldest = min(self.active.values(), key=lambda j: j.created)
         key = next((s.group for s in oldest.samples if not s.done), next(iter(groups)))
         batch = groups[key][: self.s.max_batch]
         first = [self.active[s.tag] for s in batch if s.steps_done == 0 and s.tag in self.active]
@@ -213,7 +213,7 @@ class Worker:
         m.BATCH_SIZE.observe(len(batch))
         now = time.time()
         for job in {j.id: j for j in first}.values():
-            m.FIRST_STEP.observe(max(0.0, now - job.admitted))
+            m.FIRST_STEP.observe(max(0.0, now - job.created))
         self.report_progress({s.tag for s in batch})
         return True
 
