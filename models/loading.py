@@ -83,6 +83,28 @@ class LoadedModel:
         }
 
 
+def write_pipeline_metadata(path: Path, scheduler_config: dict[str, Any], defaults: dict | None = None) -> None:
+    """model_index.json and the scheduler config of an SD pipeline directory (stock-diffusers loadable),
+    plus our optional per-model defaults. The component weights are saved by their own save_pretrained."""
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    if defaults:
+        (path / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from models.loading import write_pipeline_metadata
 from models.shapes.tokenizer import write_clip_tokenizer
 
 WORDS = ["a", "an", "the", "of", "on", "at", "in", "with", "and", "photo", "picture", "painting", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "small", "large", "circle", "square", "triangle", "disc", "box", "top", "bottom", "left", "right", "center", "upper", "lower", "background", "cat", "dog"]
@@ -88,23 +89,7 @@ def build_random_pipeline(
     unet.save_pretrained(path / "unet", safe_serialization=True)
     vae.save_pretrained(path / "vae", safe_serialization=True)
     te.save_pretrained(path / "text_encoder", safe_serialization=True)
-    (path / "scheduler").mkdir(exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler or default_scheduler_config()))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", (scheduler or default_scheduler_config())["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    if defaults:
-        (path / "diffuserve.json").write_text(json.dumps(defaults))
+    write_pipeline_metadata(path, scheduler or default_scheduler_config(), defaults)
     return path
 
 

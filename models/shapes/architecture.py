@@ -105,19 +105,6 @@ def build_text_encoder(tokenizer_dir: Path) -> Any:
 
 def write_pipeline_files(out: Path) -> None:
     """model_index.json, scheduler config and our defaults (the weights are saved by the trainer)."""
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", SCHEDULER_CONFIG["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    (out / "diffuserve.json").write_text(json.dumps(DEFAULTS, indent=2))
+    from models.loading import write_pipeline_metadata
+
+    write_pipeline_metadata(out, SCHEDULER_CONFIG, DEFAULTS)
