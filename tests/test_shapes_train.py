@@ -67,3 +67,20 @@ def test_lora_stage_writes_a_diffusers_lora(trained):
     pipe.load_lora_weights(str(path.parent), weight_name="outline.safetensors", adapter_name="outline")
     assert "outline" in pipe.get_list_adapters()["unet"]
     assert np.isfinite(styled.images[0]).all()
+
+
+def test_base_stage_can_start_from_an_exported_pipeline(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from models.shapes.train import train_base
+
+    out = export_pipeline(trained)
+    cfg = TrainConfig(run_dir=tmp_path / "run2", out_dir=tmp_path / "out2", base_steps=0, base_batch=4,
+                      base_images=16, init_from=out, checkpoint_minutes=60)
+    import shutil
+
+    shutil.copytree(trained.run_dir / "vae", cfg.run_dir / "vae")
+    train_base(cfg)  # zero steps: the checkpoint holds exactly the initial weights
+    saved = load_file(cfg.run_dir / "base" / "ema_unet.safetensors")
+    exported = load_file(next((out / "unet").glob("*.safetensors")))
+    assert all(torch.equal(saved[k], exported[k]) for k in exported)

@@ -24,6 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-steps", type=int)
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init-from", help="start the base stage from this exported pipeline when no checkpoint exists")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="measure prompt adherence and the adapters' effect")
@@ -45,6 +46,8 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     for name in ("vae_steps", "base_steps", "base_images", "lora_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.init_from:
+        cfg.init_from = Path(args.init_from)
     if args.batch:
         cfg.vae_batch = cfg.base_batch = cfg.lora_batch = args.batch
     return cfg

@@ -56,6 +56,7 @@ class TrainConfig:
     ema: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_minutes: float = 3.0
+    init_from: Path | None = None  # an exported pipeline to start the base stage from (no checkpoint)
     threads: int = 0  # 0: torch's default
 
 
@@ -221,7 +222,16 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     modules = {"unet": unet, "text_encoder": te, "ema_unet": ema_unet, "ema_text_encoder": ema_te}
-    state = ckpt.load(modules, opt) if ckpt.exists() else {"step": 0}
+    if ckpt.exists():
+        state = ckpt.load(modules, opt)
+    else:
+        state = {"step": 0}
+        if cfg.init_from and (cfg.init_from / "unet").is_dir():
+            # Continue from an exported pipeline (e.g. the committed weights) when no checkpoint survives.
+            init_from_pipeline(cfg.init_from, unet, te)
+            ema_unet.load_state_dict(unet.state_dict())
+            ema_te.load_state_dict(te.state_dict())
+            log.warning("initialised the UNet and text encoder from %s", cfg.init_from)
     cache = cfg.run_dir / "base_latents.safetensors"
     if cache.is_file():
         lat = load_file(cache)
@@ -253,6 +263,11 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
 
     loop("base", cfg.base_steps, step_fn, ckpt, lambda s: ckpt.save(modules, opt, s, {}), state["step"], minutes,
          cfg.checkpoint_minutes)
+
+
+def init_from_pipeline(path: Path, unet: Any, te: Any) -> None:
+    unet.load_state_dict(load_file(next((path / "unet").glob("*.safetensors"))))
+    te.load_state_dict(load_file(next((path / "text_encoder").glob("*.safetensors"))), strict=False)
 
 
 def encode_scenes_only(n: int, seed: int) -> list[Any]:
