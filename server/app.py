@@ -24,7 +24,7 @@ from models.errors import DiffuserveError, NotFound
 from server import metrics
 from server.schemas import ImageRequest, JobCreate, to_job
 from server.settings import Settings
-from workers.contract import FINAL, GROUP, JobStatus, Keys, ModelInfo, decode_event, queue_job
+from workers.contract import FINAL, GROUP, JobStatus, Keys, ModelInfo, decode_event, encode_event, queue_job
 
 # One mapping table: domain error kind -> HTTP status (and the failure metric's label).
 STATUS = {
@@ -252,7 +252,7 @@ def create_app(settings: Settings) -> FastAPI:
             async with r.pipeline(transaction=True) as p:
                 p.hset(keys.job(job_id), mapping={"status": "canceled", "finished": f"{time.time():.3f}",
                                                   "error": "canceled before it started"})
-                p.xadd(keys.events(job_id), {"kind": "canceled", "at": f"{time.time():.3f}", "data": "{}"})
+                p.xadd(keys.events(job_id), encode_event("canceled", error="canceled before it started"))
                 p.expire(keys.job(job_id), settings.result_ttl_s)
                 p.expire(keys.events(job_id), settings.result_ttl_s)
                 await p.execute()

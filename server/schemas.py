@@ -15,11 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.errors import InvalidRequest, ModelNotFound
+from models.sampler_names import canonical_sampler
 from server.settings import Settings
 from workers.contract import JobRequest, LoraSpec, ModelInfo, is_finite_number
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>", re.IGNORECASE)
-SAMPLER_ALIASES = {"euler a": "euler_a", "euler_ancestral": "euler_a", "dpm++ 2m": "dpmpp_2m", "dpm++2m": "dpmpp_2m"}
 MAX_SEED = 2**63 - 1
 
 
@@ -98,12 +98,7 @@ def to_job(body: ImageRequest, info: ModelInfo | None, settings: Settings, model
     if not is_finite_number(guidance) or not s.min_guidance <= guidance <= s.max_guidance:
         raise InvalidRequest(f"guidance_scale must be between {s.min_guidance} and {s.max_guidance}, got "
                              f"{guidance}.", param="guidance_scale")
-    sampler_in = body.sampler or info.sampler
-    key = " ".join(sampler_in.strip().lower().split())
-    sampler = SAMPLER_ALIASES.get(key, key)
-    if sampler not in info.samplers:
-        raise InvalidRequest(f"sampler {sampler_in!r} is not supported. Hint: one of {', '.join(info.samplers)}.",
-                             param="sampler")
+    sampler = canonical_sampler(body.sampler or info.sampler, info.samplers)
     seed = random.randrange(2**32) if body.seed is None else body.seed
     if not 0 <= seed <= MAX_SEED - body.n:
         raise InvalidRequest(f"seed must be between 0 and 2^63 - 1 - n, got {seed}.", param="seed")

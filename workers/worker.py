@@ -176,10 +176,12 @@ class Worker:
         except DiffuserveError as e:
             return self.final(job_id, msg_id, JobStatus.failed, error=e.message)
         now = time.time()
-        self.r.hset(key, mapping={"status": "running", "started": f"{now:.3f}", "worker": self.s.name,
-                                  "progress_step": 0, "progress_total": samples[0].steps_total})
-        self.r.zrem(self.keys.queued(self.s.model_name), job_id)
-        self.r.xadd(self.keys.events(job_id), encode_event("started", worker=self.s.name, total=samples[0].steps_total))
+        with self.r.pipeline(transaction=True) as p:  # one round trip
+            p.hset(key, mapping={"status": "running", "started": f"{now:.3f}", "worker": self.s.name,
+                                 "progress_step": 0, "progress_total": samples[0].steps_total})
+            p.zrem(self.keys.queued(self.s.model_name), job_id)
+            p.xadd(self.keys.events(job_id), encode_event("started", worker=self.s.name, total=samples[0].steps_total))
+            p.execute()
         self.active[job_id] = ActiveJob(job_id, msg_id, request, samples, float(rec.get("created", now)), now)
         m.QUEUE_WAIT.observe(max(0.0, now - float(rec.get("created", now))))
 

@@ -1,12 +1,8 @@
-"""Samplers written from the math, one per file, behind one registry.
-
-Canonical names: ddpm, ddim, euler, euler_a, dpmpp_2m. AUTOMATIC1111's display names ("Euler a",
-"DPM++ 2M", ...) are accepted as aliases, case-insensitively.
-"""
+"""Samplers written from the math, one per file, behind one registry (names in models.sampler_names)."""
 
 from __future__ import annotations
 
-from models.errors import InvalidRequest
+from models.sampler_names import ALIASES, SAMPLER_NAMES, canonical_sampler
 from models.samplers.base import Plan, Sampler, SamplerState
 from models.samplers.ddim import DDIM
 from models.samplers.ddpm import DDPM
@@ -22,34 +18,11 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpmpp_2m": DPMSolverPP2M,
 }
 
-ALIASES = {
-    "euler a": "euler_a",
-    "euler_ancestral": "euler_a",
-    "euler-a": "euler_a",
-    "dpm++ 2m": "dpmpp_2m",
-    "dpm++2m": "dpmpp_2m",
-    "dpmpp2m": "dpmpp_2m",
-    "dpm-solver++": "dpmpp_2m",
-}
-
-SAMPLER_NAMES = tuple(SAMPLERS)
-
-
-def canonical_sampler(name: str) -> str:
-    """Map a user-supplied sampler name to its canonical name, or raise InvalidRequest naming the choices."""
-    key = " ".join(str(name).strip().lower().split())
-    key = ALIASES.get(key, key)
-    if key not in SAMPLERS:
-        raise InvalidRequest(
-            f"sampler {name!r} is not supported. Hint: use one of {', '.join(SAMPLER_NAMES)} "
-            "(or AUTOMATIC1111's 'Euler a', 'DPM++ 2M').",
-            param="sampler",
-        )
-    return key
+assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
 def get_sampler(name: str) -> Sampler:
     return SAMPLERS[canonical_sampler(name)]()
 
 
-__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Plan", "Sampler", "SamplerState", "canonical_sampler", "get_sampler"]
+__all__ = ["ALIASES", "SAMPLERS", "SAMPLER_NAMES", "Plan", "Sampler", "SamplerState", "canonical_sampler", "get_sampler"]
