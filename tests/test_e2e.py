@@ -64,6 +64,29 @@ def test_generate_through_the_whole_stack(served):
     assert httpx.get(f"{base}/v1/models").json()["data"][0]["workers"] == 1
 
 
+def test_the_official_openai_sdk_works_unchanged(served):
+    from openai import OpenAI
+
+    base, _ = served
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    res = client.images.generate(model="tiny", prompt="a red circle", n=2, size="32x32", response_format="b64_json",
+                                 extra_body={"steps": 4, "seed": 5})
+    assert len(res.data) == 2 and res.created > 0
+    imgs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in res.data]
+    assert imgs[0].shape == (32, 32, 3) and not np.array_equal(imgs[0], imgs[1])  # seeds 5 and 6
+    res = client.images.generate(model="tiny", prompt="a red circle", size="32x32", response_format="url",
+                                 extra_body={"steps": 2})
+    assert res.data[0].url.startswith(f"{base}/v1/jobs/")
+    assert httpx.get(res.data[0].url).headers["content-type"] == "image/png"
+    from openai import NotFoundError, UnprocessableEntityError
+
+    with pytest.raises(NotFoundError):
+        client.images.generate(model="no-such-model", prompt="x")
+    with pytest.raises(UnprocessableEntityError) as e:
+        client.images.generate(model="tiny", prompt="x", size="33x32")
+    assert e.value.body["param"] == "size"
+
+
 def test_worker_sigkilled_mid_job_still_succeeds(served):
     base, _ = served
     job = httpx.post(f"{base}/v1/jobs", json={"prompt": "a long job", "steps": 60, "seed": 3}).json()["id"]
