@@ -148,6 +148,20 @@ def _metadata_alphas(metadata: dict[str, str] | None) -> dict[str, float]:
     return out
 
 
+def looks_like_safetensors(path: Path) -> bool:
+    """The safetensors framing (8-byte little-endian header length, then a JSON object), checked without
+    loading anything: a pickle or other file renamed ``.safetensors`` is never listed (``read`` checks fully)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100 * 2**20):
+                return False
+            return isinstance(json.loads(f.read(n)), dict)
+    except (OSError, ValueError):
+        return False
+
+
 class LoraRegistry:
     """A directory of ``<name>.safetensors`` files. Nothing outside it, and nothing else, is ever read."""
 
@@ -160,7 +174,7 @@ class LoraRegistry:
         out = []
         for p in sorted(self.root.glob(f"*{SUFFIX}")):
             name = p.name[: -len(SUFFIX)]
-            if NAME_RE.fullmatch(name) and ".." not in name and self._inside(p):
+            if NAME_RE.fullmatch(name) and ".." not in name and self._inside(p) and looks_like_safetensors(p):
                 out.append(name)
         return out
 

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +52,28 @@ class ApiError(DiffuserveError):
         self.extra = extra or {}
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. job_id on 504
+    type: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# Every error the API can answer, documented once for every route (the OpenAPI schema clients and fuzzers see).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": desc} for code, desc in (
+        (401, "missing or invalid API key"), (404, "unknown model, job, image or adapter"),
+        (413, "request body too large"), (422, "invalid request: the field is named in error.param"),
+        (429, "queue full: retry after the Retry-After header's seconds"),
+        (500, "the job failed in the worker (error.job_id)"), (503, "Redis unreachable"),
+        (504, "the job did not finish in time; it continues (error.job_id)"))
+}
+
+
 def error_response(kind: str, message: str, param: str | None = None, headers: dict | None = None,
                    extra: dict | None = None) -> JSONResponse:
     body = {"error": {"type": kind, "message": message, "param": param, **(extra or {})}}
@@ -67,9 +90,10 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await app.state.redis.aclose()
 
-    app = FastAPI(title="diffuserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="diffuserve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Text-to-image latent diffusion, served with continuous batching.")
     app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM by server.main.draining_server
 
     def rds(request: Request) -> aioredis.Redis:
         return request.app.state.redis
@@ -104,6 +128,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}.get(
             e.status_code, "invalid_request_error")
+        if e.status_code == 400:  # an unparseable body (e.g. not UTF-8): a validation error like any other
+            return error_response("invalid_request_error", f"body: {e.detail}", "body")
         resp = error_response(kind, str(e.detail))
         resp.status_code = e.status_code
         return resp
@@ -268,7 +294,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise NotFound(f"job {job_id} has no image {index}.", param="index")
         return Response(png, media_type="image/png")
 
-    @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(auth)])
+    @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(auth)], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                              "description": "Server-Sent Events: progress, then the final state"}})
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         r = rds(request)
         await job_record(r, job_id)
@@ -329,6 +357,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
+        if request.app.state.draining:
+            return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503)
         try:
             ws = await live_workers(rds(request))
         except (RedisConnectionError, RedisTimeoutError):
@@ -339,7 +369,9 @@ def create_app(settings: Settings) -> FastAPI:
                                 status_code=503)
         return JSONResponse({"ready": True, "workers": len(serving)})
 
-    @app.get("/metrics", dependencies=[Depends(auth)])
+    @app.get("/metrics", dependencies=[Depends(auth)], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def prometheus(request: Request) -> Response:
         r = rds(request)
         try:

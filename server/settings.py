@@ -41,6 +41,7 @@ class Settings(BaseModel):
     default_deadline_s: float | None = None  # a job not started within this expires
     result_ttl_s: int = Field(3600, ge=1)
     worker_stale_s: float = Field(10.0, gt=0)
+    shutdown_drain_s: float = Field(0.0, ge=0)  # on SIGTERM: /readyz says 503 this long before shutting down
 
     api_keys: list[str] = Field(default_factory=list)  # empty: auth off
 

@@ -175,10 +175,29 @@ def test_healthy_long_job_is_not_claimed_away(r, worker, engine):
 
 def test_poison_job_fails_after_max_deliveries(r, worker):
     job = enqueue(r, make_request())
-    r.hset(KEYS.job(job), "attempts", 3)  # three workers already died on it
+    r.hset(KEYS.job(job), mapping={"attempts": 3, "solo": 1})  # three workers died on it, the last while it ran alone
     worker(max_deliveries=3).run(burst=True)
     st = status(r, job)
-    assert st["status"] == "failed" and "poison" in st["error"]
+    assert st["status"] == "failed" and "poison" in st["error"] and "delivered 3 times" in st["error"]
+
+
+def test_bystander_of_crashes_is_quarantined_not_failed(r, worker):
+    """A job whose workers died while it shared their batches runs again, alone, and succeeds."""
+    others = [enqueue(r, make_request(seed=i)) for i in range(3)]
+    w = worker(max_deliveries=3)
+    w.tick()
+    assert set(others) <= set(w.active)
+    job = enqueue(r, make_request())
+    r.hset(KEYS.job(job), "attempts", 5)  # delivered 5 times, each worker died with others' jobs beside it
+    w.tick()
+    assert job not in w.active and w.deferred and w.room() == 0  # waits for the batch to drain
+    later = enqueue(r, make_request(seed=9))
+    while job not in w.active:
+        w.tick()
+    assert set(w.active) == {job}  # alone: nothing else admitted beside it
+    w.run(burst=True)
+    assert status(r, job)["status"] == "succeeded" and status(r, job)["solo"] == "1"
+    assert all(status(r, j)["status"] == "succeeded" for j in [*others, later])
 
 
 def test_duplicate_delivery_of_a_finished_job_is_acknowledged_only(r, worker):

@@ -70,7 +70,10 @@ class JobRequest(BaseModel):
     init_image: str | None = None  # base64 PNG/JPEG (img2img)
     strength: float = 1.0
     deadline: float | None = None  # epoch seconds: not started after this, it expires
-    fault: str | None = None  # test-only fault injection; honoured only when the worker enables it
+    # Test-only fault injection, honoured only by a worker started with --enable-test-faults (never set by the
+    # API): raise | oom (the forward pass fails), crash (kills every worker that takes it: poison),
+    # crash_mid_step / crash_after_result (kills the first worker that takes it, at that moment).
+    fault: str | None = None
 
 
 class Keys:

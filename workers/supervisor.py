@@ -129,10 +129,9 @@ def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from models.cli import DEFAULT_MODEL
     from server.app import create_app
+    from server.main import draining_server
     from server.settings import Settings
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
@@ -159,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model_name = args.model_name or model_dir.resolve().name
     settings = Settings.from_env(redis_url=redis_url, default_model=model_name, host=args.host, port=args.port,
                                  api_keys=args.api_keys, prefix=args.prefix)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="warning"))
+    server = draining_server(create_app(settings), settings)
     print(f"diffuserve serving {model_name!r} at http://{args.host}:{args.port} "
           f"({count} worker{'s' if count > 1 else ''}, Redis {'embedded' if redis else redis_url}); Ctrl-C stops",
           flush=True)

@@ -20,6 +20,7 @@ import base64
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class WorkerSettings:
     claim_idle_ms: int = 15_000
     max_deliveries: int = 3
     heartbeat_s: float = 1.0
+    stall_s: float = 300.0  # a loop stuck this long stops keeping its jobs claimed (others take them)
     block_ms: int = 200
     faults: bool = False  # test-only fault hooks (JobRequest.fault); never on in production
     prefix: str = "diffuserve"
@@ -58,6 +60,8 @@ class ActiveJob:
     samples: list[Any]
     created: float  # enqueue time
     started: float  # admission into the batch
+    attempt: int = 1
+    solo: bool = False  # a previous delivery died: quarantined, nothing else runs beside it
     last_progress: int = -1
 
 
@@ -73,6 +77,7 @@ class Worker:
         self.keys = Keys(settings.prefix)
         self.stream = self.keys.jobs(settings.model_name)
         self.active: dict[str, ActiveJob] = {}
+        self.deferred: list[tuple[str, str]] = []  # (msg_id, job_id) waiting to run alone (quarantine)
         self.jobs_done = 0
         self.stopping = False
         self._grace_end = 0.0
@@ -80,6 +85,9 @@ class Worker:
         self._finished: deque[tuple[float, int]] = deque()  # (time, images): the measured throughput
         self._born = time.time()
         self._adapter_seen: dict[str, float] = {}
+        self._model_info = ""
+        self._last_tick = time.monotonic()
+        self._reclaim_waiting = False
         self.ensure_group(self.r, self.stream)
         self.register_model()
 
@@ -92,7 +100,8 @@ class Worker:
         info = ModelInfo(name=self.s.model_name, width=w, height=h, steps=d.steps, guidance_scale=d.guidance,
                          sampler=canonical_sampler(d.sampler), samplers=list(SAMPLER_NAMES),
                          loras=self.engine.registry.names())
-        self.r.hset(self.keys.models(), self.s.model_name, info.model_dump_json())
+        self._model_info = info.model_dump_json()
+        self.r.hset(self.keys.models(), self.s.model_name, self._model_info)
 
     @staticmethod
     def ensure_group(r: redis.Redis, stream: str) -> None:
@@ -109,19 +118,62 @@ class Worker:
         After ``stop(grace_s)`` no new job is admitted; in-flight jobs run on until they finish or the grace
         period ends, and whatever is left is handed back to the queue for another worker."""
         t_end = time.monotonic() + max_seconds if max_seconds else None
+        backoff = 0.0
+        done = threading.Event()
+        keeper = threading.Thread(target=self._keep_claimed, args=(done,), daemon=True, name="keep-claimed")
+        keeper.start()
         while True:
+            self._last_tick = time.monotonic()
             if self.stopping and (not self.active or time.monotonic() > self._grace_end):
                 break
-            worked = self.tick()
+            try:
+                worked = self.tick()
+                backoff = 0.0
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                # Redis restarting or unreachable: keep the model loaded and retry (redis-py reconnects on the
+                # next command). In-flight jobs stay pending in Redis and finish here or on another worker.
+                backoff = min(5.0, backoff * 2 or 0.2)
+                log.warning("Redis unreachable (%s); retrying in %.1f s", e, backoff)
+                time.sleep(backoff)
+                continue
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.warning("the job stream vanished (Redis restarted without persistence?); recreating it")
+                self.ensure_group(self.r, self.stream)
+                self.register_model()
+                continue
             if burst and not worked and not self.active:
                 break
             if t_end and time.monotonic() > t_end:
                 break
-        self.shutdown()
+        done.set()
+        keeper.join()
+        try:
+            self.shutdown()
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("Redis unreachable at shutdown; in-flight jobs will be reclaimed after the claim idle time")
+
+    def _keep_claimed(self, done: threading.Event) -> None:
+        """Reset the idle time of our in-flight entries several times per claim window, from a thread, so that
+        a healthy job is never claimed away even when one tick (a big batch, a starved CPU) outlasts the
+        window. A loop stalled past ``stall_s`` stops doing so, and its jobs go to live workers."""
+        interval = max(0.05, min(self.s.heartbeat_s, self.s.claim_idle_ms / 4000))
+        while not done.wait(interval):
+            if time.monotonic() - self._last_tick > self.s.stall_s:
+                continue
+            try:
+                ids = [j.msg_id for j in list(self.active.values())] + [m for m, _ in list(self.deferred)]
+                if ids:
+                    self.r.xclaim(self.stream, GROUP, self.s.name, 0, ids, justid=True)
+            except (RuntimeError, redis.RedisError):  # the dict changed under us, or Redis is away: next time
+                continue
 
     def stop(self, grace_s: float = 0.0) -> None:
+        """Safe from a signal handler: only sets flags; the next tick heartbeats 'stopping' (not ready)."""
         self._grace_end = time.monotonic() + grace_s
         self.stopping = True
+        self._last_upkeep = 0.0
 
     def tick(self) -> bool:
         self.upkeep()
@@ -133,13 +185,23 @@ class Worker:
 
     # -- 1. admit ----------------------------------------------------------------------------------------
     def room(self) -> int:
+        if self.deferred or any(j.solo for j in self.active.values()):
+            return 0  # drain, then run the quarantined job alone
         used = sum(len(j.samples) for j in self.active.values())
         if self.s.batching == "request" and used:
             return 0
         return self.s.max_batch - used
 
     def admit(self, claimed: list[tuple[str, dict]] | None = None) -> bool:
+        if self.deferred and not self.active:
+            self.start(*self.deferred.pop(0))
+            return True
         entries = claimed or []
+        if not entries and self._reclaim_waiting and not self.stopping:
+            if self.room() > 0:
+                self.reclaim()  # a slot opened: dead workers' jobs first
+            if self._reclaim_waiting:
+                return False
         if not entries and self.room() > 0 and not self.stopping:
             block = None if self.active else self.s.block_ms
             resp = self.r.xreadgroup(GROUP, self.s.name, {self.stream: ">"}, count=max(1, self.room()), block=block)
@@ -152,6 +214,8 @@ class Worker:
         return bool(entries)
 
     def start(self, msg_id: str, job_id: str) -> None:
+        if job_id in self.active:  # our own in-flight entry came back through XAUTOCLAIM: already running here
+            return
         key = self.keys.job(job_id)
         rec = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
         if not rec:  # the record vanished (e.g. Redis restarted without persistence): nothing to run
@@ -165,10 +229,25 @@ class Worker:
         request = JobRequest.model_validate_json(rec["request"])
         if request.deadline and time.time() > request.deadline:
             return self.final(job_id, msg_id, JobStatus.expired, error="deadline passed before the job started")
-        attempts = self.r.hincrby(key, "attempts", 1)
-        if attempts > self.s.max_deliveries:
+        # Deliveries that never finished mean workers died with this job on board. The first redelivery runs
+        # batched as usual (a worker killed from outside is the common case); from then on the job runs alone
+        # (quarantined, so if it is what kills workers it takes no one else's jobs along), and it is failed as
+        # poison once it reaches max_deliveries with at least one death while alone: so bystanders of someone
+        # else's crash are not failed as poison.
+        prior, prior_solo = int(rec.get("attempts", 0) or 0), int(rec.get("solo", 0) or 0)
+        if prior >= self.s.max_deliveries and prior_solo >= 1:
             return self.final(job_id, msg_id, JobStatus.failed, error=(
-                f"poison job: delivered {attempts - 1} times and never finished (each worker that took it died)"))
+                f"poison job: delivered {prior} times and never finished; the worker died on it "
+                f"{prior_solo} time(s) while it ran alone"))
+        solo = prior >= max(1, self.s.max_deliveries - 1)
+        if solo and self.active:
+            if (msg_id, job_id) not in self.deferred:
+                self.deferred.append((msg_id, job_id))
+            return None
+        with self.r.pipeline(transaction=True) as p:
+            p.hincrby(key, "attempts", 1)
+            p.hincrby(key, "solo", int(solo))
+            attempts, _ = p.execute()
         if self.s.faults and request.fault == "crash":
             os._exit(17)  # test hook: a job that kills every worker that takes it
         try:
@@ -182,7 +261,8 @@ class Worker:
             p.zrem(self.keys.queued(self.s.model_name), job_id)
             p.xadd(self.keys.events(job_id), encode_event("started", worker=self.s.name, total=samples[0].steps_total))
             p.execute()
-        self.active[job_id] = ActiveJob(job_id, msg_id, request, samples, float(rec.get("created", now)), now)
+        self.active[job_id] = ActiveJob(job_id, msg_id, request, samples, float(rec.get("created", now)), now,
+                                        attempt=attempts, solo=solo)
         m.QUEUE_WAIT.observe(max(0.0, now - float(rec.get("created", now))))
 
     # -- 2. cancel ---------------------------------------------------------------------------------------
@@ -223,7 +303,10 @@ class Worker:
         try:
             if self.s.faults:
                 for s in batch:
-                    fault = self.active[s.tag].request.fault
+                    job = self.active[s.tag]
+                    fault = job.request.fault
+                    if fault == "crash_mid_step" and job.attempt == 1 and s.steps_done >= 2:
+                        os._exit(17)  # test hook: the worker dies in the middle of a job, once
                     if fault in ("raise", "oom"):
                         raise RuntimeError(f"injected fault: {'CUDA out of memory' if fault == 'oom' else fault}")
             self.engine.step(batch)
@@ -288,6 +371,8 @@ class Worker:
                 p.expire(key, ttl)
                 p.expire(self.keys.events(job.id), ttl)
                 p.execute()
+            if self.s.faults and job.request.fault == "crash_after_result" and job.attempt == 1:
+                os._exit(17)  # test hook: dies between writing the result and acknowledging it, once
             self.ack(job.msg_id)
             self.jobs_done += 1
             self._finished.append((now, len(images)))
@@ -325,14 +410,24 @@ class Worker:
         self.heartbeat()
         if self.active:  # reset our in-flight entries' idle time, so no one claims a healthy long job
             self.r.xclaim(self.stream, GROUP, self.s.name, 0, [j.msg_id for j in self.active.values()], justid=True)
-        if self.room() > 0 and not self.stopping:
-            res = self.r.xautoclaim(self.stream, GROUP, self.s.name, self.s.claim_idle_ms, "0-0",
-                                    count=max(1, self.room()))
-            claimed = [(mid, f) for mid, f in res[1] if f]  # res: [cursor, entries(, deleted ids on Redis 7)]
-            if claimed:
-                log.warning("claimed %d job(s) from dead workers", len(claimed))
-                m.RECLAIMS.labels(self.s.model_name).inc(len(claimed))
-                self.admit(claimed)
+        if not self.stopping:
+            self.reclaim()
+
+    def reclaim(self) -> None:
+        """Claim dead workers' entries (idle past ``claim_idle_ms``). They are older than anything new, so while
+        some wait and this worker is full, it admits nothing new: the next free slot goes to them."""
+        room = self.room()
+        if room <= 0:
+            waiting = self.r.xpending_range(self.stream, GROUP, min="-", max="+", count=1, idle=self.s.claim_idle_ms)
+            self._reclaim_waiting = bool(waiting) and not self.deferred
+            return
+        res = self.r.xautoclaim(self.stream, GROUP, self.s.name, self.s.claim_idle_ms, "0-0", count=room)
+        self._reclaim_waiting = len(res[1]) >= room  # res: [cursor, entries(, deleted ids on Redis 7)]
+        claimed = [(mid, f) for mid, f in res[1] if f]
+        if claimed:
+            log.warning("claimed %d job(s) from dead workers", len(claimed))
+            m.RECLAIMS.labels(self.s.model_name).inc(len(claimed))
+            self.admit(claimed)
 
     @property
     def images_per_s(self) -> float:
@@ -360,6 +455,8 @@ class Worker:
         info = self.engine.model.describe()
         key = self.keys.worker(self.s.name)
         with self.r.pipeline(transaction=False) as p:
+            if self._model_info:  # re-registered every beat: survives a Redis restart without persistence
+                p.hset(self.keys.models(), self.s.model_name, self._model_info)
             p.hset(key, mapping={
                 "name": self.s.name, "host": socket.gethostname(), "pid": os.getpid(), "model": self.s.model_name,
                 "device": info["device"], "dtype": info["dtype"], "batch": sum(len(j.samples) for j in self.active.values()),
@@ -373,12 +470,17 @@ class Worker:
     def shutdown(self) -> None:
         """Hand in-flight jobs back (another worker claims them at once) and leave the live set."""
         for job in list(self.active.values()):
-            self.r.hset(self.keys.job(job.id), mapping={"status": "queued", "worker": ""})
-            self.r.xadd(self.keys.events(job.id), encode_event("requeued", reason="worker shutting down"))
-        if self.active:  # make the entries claimable now rather than after claim_idle_ms
-            self.r.xclaim(self.stream, GROUP, "handoff", 0, [j.msg_id for j in self.active.values()], justid=True,
-                          idle=self.s.claim_idle_ms + 1)
+            with self.r.pipeline(transaction=True) as p:
+                p.hset(self.keys.job(job.id), mapping={"status": "queued", "worker": ""})
+                p.hincrby(self.keys.job(job.id), "attempts", -1)  # handed back, not died on: not a failed delivery
+                p.hincrby(self.keys.job(job.id), "solo", -int(job.solo))
+                p.xadd(self.keys.events(job.id), encode_event("requeued", reason="worker shutting down"))
+                p.execute()
+        ids = [j.msg_id for j in self.active.values()] + [m for m, _ in self.deferred]
+        if ids:  # make the entries claimable now rather than after claim_idle_ms
+            self.r.xclaim(self.stream, GROUP, "handoff", 0, ids, justid=True, idle=self.s.claim_idle_ms + 1)
         self.active.clear()
+        self.deferred.clear()
         self.r.delete(self.keys.worker(self.s.name))
 
 
