@@ -31,6 +31,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=env("DIFFUSERVE_WORKER_NAME"))
     p.add_argument("--metrics-port", type=int, default=int(env("DIFFUSERVE_METRICS_PORT", "0")),
                    help="serve this worker's Prometheus metrics on this port (standalone workers)")
+    p.add_argument("--threads", type=int, default=int(env("DIFFUSERVE_THREADS", "0")),
+                   help="CPU threads for torch in this worker (0: torch's default; serve splits the cores "
+                        "between its CPU workers so they do not oversubscribe them)")
     p.add_argument("--enable-test-faults", action="store_true", default=env("DIFFUSERVE_TEST_FAULTS") == "1",
                    help=argparse.SUPPRESS)
 
@@ -41,6 +44,10 @@ def run_worker(args: argparse.Namespace) -> int:
     from models.loading import load_pipeline
     from workers.worker import Worker, WorkerSettings
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     model = load_pipeline(model_dir, device=args.device, dtype=args.dtype, name=args.model_name)
     lora_dir = args.lora_dir or default_lora_dir(model_dir)

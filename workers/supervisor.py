@@ -123,6 +123,8 @@ def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
     for flag, value in (("--model", args.model), ("--model-name", args.model_name), ("--lora-dir", args.lora_dir)):
         if value:
             out += [flag, str(value)]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
     if args.enable_test_faults:
         out.append("--enable-test-faults")
     return out
@@ -152,7 +154,10 @@ def run_serve(args: argparse.Namespace) -> int:
                DIFFUSERVE_METRICS_PORT="0")  # the API serves every worker's metrics
     gpus = gpu_count()
     count = args.workers or max(1, gpus)
-    sup = Supervisor(worker_argv(args, redis_url), count, env, gpus)
+    argv = worker_argv(args, redis_url)
+    if not gpus and not args.threads and count > 1:  # CPU workers share the cores instead of each taking all
+        argv += ["--threads", str(max(1, (os.cpu_count() or 1) // count))]
+    sup = Supervisor(argv, count, env, gpus)
     sup.start()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     model_name = args.model_name or model_dir.resolve().name
