@@ -454,7 +454,7 @@ def scenario_poison(c: Cluster, seconds: float, steps: tuple[int, int], max_deli
     h = {k.decode(): v.decode() for k, v in c.client().hgetall(Keys().job(poison)).items()}
     drop = 1 - len(during) / max(1, len(base))
     return [
-        Row("poison", "poison job's final state", f"{st} after {int(h.get('attempts', 0)) - 1} deliveries",
+        Row("poison", "poison job's final state", f"{st} after {int(h.get('attempts', 0))} deliveries",
             f"failed after {max_deliveries}", st == "failed" and "poison" in h.get("error", "")),
         Row("poison", "reason given", h.get("error", "")[:60]),
         Row("poison", "healthy throughput drop while it crashed workers",

@@ -170,18 +170,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def admit(r: aioredis.Redis, body: ImageRequest) -> tuple[str, Any]:
         model = body.model or settings.default_model
         job = to_job(body, await model_info(r, model), settings, model)
-        depth = await r.zcard(keys.queued(model))
-        if depth >= settings.max_queue:
+        job_id = uuid.uuid4().hex
+        if not await queue_job(r, keys, job_id, job, max_queue=settings.max_queue):
+            depth = await r.zcard(keys.queued(model))
             workers = [w for w in await live_workers(r) if w.get("model") == model]
             rate = sum(float(w.get("images_per_s", 0) or 0) for w in workers)
             retry = max(1, math.ceil(depth / rate)) if rate > 0 else 5
             metrics.REJECTED.labels(model).inc()
             raise ApiError("overloaded_error", f"the queue for {model!r} is full ({depth} jobs). Hint: retry after "
                            f"{retry} s.", headers={"Retry-After": str(retry)})
-        job_id = uuid.uuid4().hex
-        async with r.pipeline(transaction=True) as p:
-            queue_job(p, keys, job_id, job)
-            await p.execute()
         return job_id, job
 
     async def job_record(r: aioredis.Redis, job_id: str) -> dict[str, str]:

@@ -251,3 +251,23 @@ def test_openapi_is_served(settings):
     with client(settings) as c:
         spec = c.get("/openapi.json").json()
     assert "/v1/images/generations" in spec["paths"] and json.dumps(spec)
+
+
+def test_queue_bound_is_atomic_under_concurrent_enqueues(redis_server, r):
+    """The bound is checked inside Redis with the writes: 32 concurrent enqueues into a queue of 5 admit 5."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.contract import JobRequest, queue_job
+
+    req = JobRequest(model="tiny", prompt="x", width=32, height=32, steps=2, guidance_scale=3.0, seed=1,
+                     sampler="ddim")
+
+    def enqueue(i: int) -> int:
+        client = redis_server.client()
+        return queue_job(client, KEYS, f"job{i}", req, max_queue=5)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(enqueue, range(32)))
+    assert sum(results) == 5
+    assert r.zcard(KEYS.queued("tiny")) == 5 and r.xlen(KEYS.jobs("tiny")) == 5
+    assert sum(1 for i in range(32) if r.exists(KEYS.job(f"job{i}"))) == 5

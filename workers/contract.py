@@ -137,12 +137,27 @@ def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def queue_job(pipe: Any, keys: Keys, job_id: str, request: JobRequest, now: float | None = None) -> None:
-    """Queue the commands that enqueue a job on a (sync or async) Redis pipeline; the caller executes it
-    (in a MULTI transaction, so a job is either fully enqueued or not at all)."""
+# Enqueue atomically, refusing when the model's queue already holds ``max_queue`` jobs: the check and the
+# writes happen in one step on the server, so concurrent API replicas cannot overshoot the bound.
+# KEYS: queued zset, job hash, job events stream, model jobs stream.
+# ARGV: max_queue (-1: no bound), job id, created, request JSON, model, then the 'queued' event's fields.
+ENQUEUE_SCRIPT = """
+if tonumber(ARGV[1]) >= 0 and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'status', 'queued', 'created', ARGV[3], 'request', ARGV[4],
+           'attempts', 0, 'model', ARGV[5])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
+redis.call('XADD', KEYS[4], '*', 'id', ARGV[2])
+return 1
+"""
+
+
+def queue_job(pipe: Any, keys: Keys, job_id: str, request: JobRequest, now: float | None = None,
+              max_queue: int | None = None) -> None:
+    """Queue the enqueue script on a (sync or async) Redis client or pipeline; it returns 1 when the job was
+    enqueued, 0 when the queue was full (and nothing was written)."""
     now = time.time() if now is None else now
-    pipe.hset(keys.job(job_id), mapping={"id": job_id, "status": JobStatus.queued.value, "created": f"{now:.6f}",
-                                         "request": request.model_dump_json(), "attempts": 0, "model": request.model})
-    pipe.zadd(keys.queued(request.model), {job_id: now})
-    pipe.xadd(keys.events(job_id), encode_event("queued"))
-    pipe.xadd(keys.jobs(request.model), {"id": job_id})
+    event = [x for kv in encode_event(JobStatus.queued.value).items() for x in kv]
+    return pipe.eval(ENQUEUE_SCRIPT, 4, keys.queued(request.model), keys.job(job_id), keys.events(job_id),
+                     keys.jobs(request.model), -1 if max_queue is None else max_queue, job_id, f"{now:.6f}",
+                     request.model_dump_json(), request.model, *event)
