@@ -652,8 +652,9 @@ def scenario_sigterm(c: Cluster, rate: float, steps: tuple[int, int]) -> list[Ro
             pid = int(w["pid"])
             os.kill(pid, signal.SIGTERM)
             saw_stopping = False
-            while alive(pid):
-                saw_stopping |= r.hget(Keys().worker(w["name"]), "stopping") == b"1"
+            while alive(pid):  # not ready = says "stopping", or has already left the live set, while still alive
+                h = r.hget(Keys().worker(w["name"]), "stopping")
+                saw_stopping |= h is None or h == b"1"
                 time.sleep(0.02)
             rounds += 1
             not_ready_first += saw_stopping

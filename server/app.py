@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import math
@@ -80,6 +82,91 @@ def error_response(kind: str, message: str, param: str | None = None, headers: d
     return JSONResponse(body, status_code=STATUS.get(kind, 500), headers=headers)
 
 
+class Waiters:
+    """Every synchronous request of this API process waits on one Redis connection: a single task reads the
+    event streams of all waited-for jobs at once (XREAD over many streams), instead of each request holding
+    a blocking connection (under 5x overload those ran the pool dry). A job whose record vanished (Redis
+    restarted without persistence) resolves as "lost"; a Redis error fails every waiter (a 503)."""
+
+    BLOCK_MS = 25  # new waiters join the next read: at most this much added latency
+    MAX_STREAMS = 1000  # per XREAD; the rest on the next round
+
+    def __init__(self, r: aioredis.Redis, keys: Keys) -> None:
+        self.r, self.keys = r, keys
+        self.pending: dict[str, tuple[str, list[asyncio.Future]]] = {}  # job id -> (last event id, waiters)
+        self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+
+    async def wait(self, job_id: str, timeout: float) -> str | None:
+        fut = asyncio.get_running_loop().create_future()
+        last, futs = self.pending.setdefault(job_id, ("0-0", []))
+        futs.append(fut)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        self.wake.set()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            entry = self.pending.get(job_id)
+            if entry and fut in entry[1]:
+                entry[1].remove(fut)
+                if not entry[1]:
+                    del self.pending[job_id]
+
+    def _resolve(self, job_id: str, result: str | None = None, error: BaseException | None = None) -> None:
+        _, futs = self.pending.pop(job_id, ("", []))
+        for f in futs:
+            if not f.done():
+                f.set_exception(error) if error else f.set_result(result)
+
+    async def _run(self) -> None:
+        final = {s.value for s in FINAL}
+        last_check = time.monotonic()
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), 30)
+                except asyncio.TimeoutError:
+                    return  # idle: the next waiter starts a new task
+                continue
+            ids = list(self.pending)[: self.MAX_STREAMS]
+            try:
+                resp = await self.r.xread({self.keys.events(j): self.pending[j][0] for j in ids},
+                                          block=self.BLOCK_MS, count=100)
+                for stream, entries in resp or []:
+                    job_id = (stream.decode() if isinstance(stream, bytes) else stream).split(":")[-2]
+                    for eid, fields in entries:
+                        if job_id not in self.pending:
+                            break
+                        self.pending[job_id] = (eid, self.pending[job_id][1])
+                        kind = decode_event(fields)["kind"]
+                        if kind in final:
+                            self._resolve(job_id, kind)
+                if time.monotonic() - last_check > 2:  # records that vanished (Redis lost its data)
+                    last_check = time.monotonic()
+                    ids = list(self.pending)
+                    async with self.r.pipeline(transaction=False) as p:
+                        for j in ids:
+                            p.exists(self.keys.job(j))
+                        alive = await p.execute()
+                    for j, ok in zip(ids, alive, strict=True):
+                        if not ok:
+                            self._resolve(j, "lost")
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                for j in list(self.pending):
+                    self._resolve(j, error=e)
+                await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        if self.task:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+
 def create_app(settings: Settings) -> FastAPI:
     keys = Keys(settings.prefix)
 
@@ -87,7 +174,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30,
                                                   retry_on_timeout=False, max_connections=1024)
+        app.state.waiters = Waiters(app.state.redis, keys)
         yield
+        await app.state.waiters.close()
         await app.state.redis.aclose()
 
     app = FastAPI(title="diffuserve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
@@ -212,18 +301,7 @@ def create_app(settings: Settings) -> FastAPI:
         return view
 
     async def wait_final(r: aioredis.Redis, job_id: str, timeout: float) -> str | None:
-        last, t_end = "0-0", time.monotonic() + timeout
-        while (left := t_end - time.monotonic()) > 0:
-            resp = await r.xread({keys.events(job_id): last}, block=int(min(left, 5) * 1000) or 1, count=100)
-            for _, entries in resp or []:
-                for eid, fields in entries:
-                    last = eid
-                    ev = decode_event(fields)
-                    if ev["kind"] in {s.value for s in FINAL}:
-                        return ev["kind"]
-            if not resp and not await r.exists(keys.job(job_id)):
-                return "lost"
-        return None
+        return await app.state.waiters.wait(job_id, timeout)
 
     # -- routes ----------------------------------------------------------------------------------------
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
