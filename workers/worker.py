@@ -227,7 +227,8 @@ class Worker:
         if rec.get("cancel") == "1":
             return self.final(job_id, msg_id, JobStatus.canceled, error="canceled before it started")
         request = JobRequest.model_validate_json(rec["request"])
-        if request.deadline and time.time() > request.deadline:
+        admitted = time.time()  # the start decision: recorded as 'started', so started <= deadline always holds
+        if request.deadline and admitted > request.deadline:
             return self.final(job_id, msg_id, JobStatus.expired, error="deadline passed before the job started")
         # Deliveries that never finished mean workers died with this job on board. The first redelivery runs
         # batched as usual (a worker killed from outside is the common case); from then on the job runs alone
@@ -254,9 +255,9 @@ class Worker:
             samples = self.engine.prepare(to_generation_request(request), tag=job_id)
         except DiffuserveError as e:
             return self.final(job_id, msg_id, JobStatus.failed, error=e.message)
-        now = time.time()
+        now = admitted
         with self.r.pipeline(transaction=True) as p:  # one round trip
-            p.hset(key, mapping={"status": "running", "started": f"{now:.3f}", "worker": self.s.name,
+            p.hset(key, mapping={"status": "running", "started": f"{now:.6f}", "worker": self.s.name,
                                  "progress_step": 0, "progress_total": samples[0].steps_total})
             p.zrem(self.keys.queued(self.s.model_name), job_id)
             p.xadd(self.keys.events(job_id), encode_event("started", worker=self.s.name, total=samples[0].steps_total))
