@@ -49,13 +49,19 @@ TEXT_CONFIG: dict[str, Any] = dict(
     max_position_embeddings=MAX_TOKENS,
 )
 
+# DDPM's linear schedule and v-prediction, not SD 1.5's scaled_linear + epsilon: with scaled_linear,
+# x_T still carries sqrt(abar_T) = 0.068 of the clean latent, whose mean *is* the background colour, so an
+# epsilon model learns to read the background from the noise's mean instead of the caption (measured: the
+# background followed the seed, 16% right). Linear betas leave sqrt(abar_T) = 0.0066 and v-prediction makes
+# the high-noise loss "predict the clean image from the text" (Lin et al. 2024, "Common diffusion noise
+# schedules and sample steps are flawed"; Salimans & Ho 2022).
 SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "EulerDiscreteScheduler",
     "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "v_prediction",
     "timestep_spacing": "trailing",
     "steps_offset": 1,
     "clip_sample": False,

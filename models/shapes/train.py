@@ -7,9 +7,9 @@ Each stage checkpoints to ``<run>/<stage>/`` (weights as safetensors, optimizer 
 ``torch.load(weights_only=True)``) every few minutes and at its end, so an interrupted run resumes where
 it stopped. ``export`` writes the diffusers pipeline directory plus ``loras/{outline,stripes}.safetensors``.
 
-The denoiser is trained with the epsilon objective of Ho et al. (Algorithm 1): x_t = sqrt(abar_t) x_0 +
-sqrt(1 - abar_t) eps, loss ||eps - eps_theta(x_t, t, c)||^2, weighted by min(SNR_t, 5) / SNR_t (Hang et al.
-2023) to speed convergence; captions are dropped 10% of the time so classifier-free guidance works; an EMA
+The denoiser is trained as in Ho et al. (Algorithm 1): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, but
+with the v target of Salimans & Ho (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0), loss ||v - v_theta(x_t, t, c)||^2
+weighted by min(SNR_t, 5) / (SNR_t + 1) (Min-SNR, Hang et al. 2023) to speed convergence; captions are dropped 10% of the time so classifier-free guidance works; an EMA
 of the weights is what gets exported.
 """
 
@@ -190,6 +190,7 @@ class Denoising:
         self.tok, self.te, self.unet, self.cfg = tokenizer, text_encoder, unet, cfg
         sched = NoiseSchedule.from_config(arch.SCHEDULER_CONFIG)
         self.abar = torch.from_numpy(sched.alphas_cumprod).float()
+        self.v_prediction = sched.prediction_type == "v_prediction"
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -204,8 +205,13 @@ class Denoising:
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = self.unet(x_t, t, encoder_hidden_states=emb).sample
         snr = a / (1 - a)
-        w = (torch.clamp(snr, max=5.0) / snr).view(b)
-        return (F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        if self.v_prediction:  # v = sqrt(abar) eps - sqrt(1 - abar) x_0; Min-SNR-5 weight for v is min(snr, 5) / (snr + 1)
+            target = a.sqrt() * eps - (1 - a).sqrt() * z0
+            w = (torch.clamp(snr, max=5.0) / (snr + 1)).view(b)
+        else:
+            target = eps
+            w = (torch.clamp(snr, max=5.0) / snr).view(b)
+        return (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
 
     def captions(self, scenes: list[Any]) -> list[str]:
         return ["" if self.rng.random() < self.cfg.caption_dropout else caption(s, self.rng) for s in scenes]
