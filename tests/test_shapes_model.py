@@ -67,10 +67,10 @@ def test_stock_load_lora_weights_gives_the_same_image(shapes_engine, adapter):
 
 
 def test_prompts_change_the_picture(shapes_engine):
-    """A CI-sized adherence check on 24 held-out prompts (the full table is in the model card). The current
-    weights are undertrained: this asserts only that the named object colour shows up well above chance
-    (1/7); raise the floors as the model improves toward the issue's bars."""
+    """A CI-sized adherence check on 24 held-out prompts (the full table is in the model card: 200 prompts
+    gave background 100%, colour 87%). The weights are undertrained: the floors sit well above chance
+    (1/8 background, 1/7 colour) and below the measured rates; raise them as the model improves."""
     from models.shapes.evaluate import evaluate
 
     report = evaluate(shapes_engine, n=24, adapters=False)
-    assert report["color"] >= 0.25, report
+    assert report["background"] >= 0.85 and report["color"] >= 0.6, report
