@@ -84,3 +84,30 @@ def test_base_stage_can_start_from_an_exported_pipeline(trained, tmp_path):
     saved = load_file(cfg.run_dir / "base" / "ema_unet.safetensors")
     exported = load_file(next((out / "unet").glob("*.safetensors")))
     assert all(torch.equal(saved[k], exported[k]) for k in exported)
+
+
+def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(trained, tmp_path):
+    """The decoder fine-tune keeps the encoder (the latent space the UNet was trained on) bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from models.shapes.train import load_vae, train_decoder
+
+    cfg = TrainConfig(run_dir=tmp_path / "run3", out_dir=tmp_path / "out3", vae_batch=4, decoder_steps=2,
+                      checkpoint_minutes=60)
+    for part in ("vae", "base", "tokenizer", "latent_scale.json"):
+        src = trained.run_dir / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, cfg.run_dir / part)
+    train_decoder(cfg)
+    before = load_file(cfg.run_dir / "vae" / "vae.safetensors")
+    after = load_file(cfg.run_dir / "decoder" / "vae.safetensors")
+    assert json.loads((cfg.run_dir / "decoder" / "state.json").read_text())["step"] == 2
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    tuned = load_vae(cfg).state_dict()
+    assert all(torch.equal(tuned[k], after[k]) for k in dec)
+    exported = load_file(next((export_pipeline(cfg) / "vae").glob("*.safetensors")))
+    assert all(torch.equal(exported[k], after[k]) for k in dec)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-STAGES = ("vae", "base", "outline", "stripes")  # models.shapes.train.STAGES, without importing torch here
+STAGES = ("vae", "decoder", "base", "outline", "stripes")  # models.shapes.train.STAGES, without importing torch here
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, help="stop (after checkpointing) when this much time has passed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int)
+    p.add_argument("--decoder-steps", type=int)
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
     p.add_argument("--lora-steps", type=int)
@@ -43,7 +44,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads)
     if args.out:
         cfg.out_dir = Path(args.out)
-    for name in ("vae_steps", "base_steps", "base_images", "lora_steps"):
+    for name in ("vae_steps", "decoder_steps", "base_steps", "base_images", "lora_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:

@@ -36,7 +36,7 @@ from models.shapes import architecture as arch
 from models.shapes.data import caption, random_scene, render
 
 log = logging.getLogger(__name__)
-STAGES = ("vae", "base", "outline", "stripes")
+STAGES = ("vae", "decoder", "base", "outline", "stripes")
 
 
 @dataclass
@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     vae_steps: int = 1500
     vae_batch: int = 16
+    decoder_steps: int = 2000
+    decoder_lr: float = 5e-4
     base_steps: int = 3000
     base_batch: int = 64
     base_images: int = 30000
@@ -158,9 +160,50 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
 
 
 def load_vae(cfg: TrainConfig) -> Any:
+    """The trained VAE, with the fine-tuned decoder when that stage has run (the encoder is the same)."""
     vae = arch.build_vae()
-    Checkpoint(cfg.run_dir / "vae").load({"vae": vae}, None)
+    tuned = Checkpoint(cfg.run_dir / "decoder")
+    (tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")).load({"vae": vae}, None)
     return vae.eval().requires_grad_(False)
+
+
+# -- stage 1b: decoder fine-tuning ------------------------------------------------------------------
+def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
+    """Fine-tune only the decoder on the frozen encoder's latents (as SD's ft-MSE VAE did).
+
+    The joint VAE stage leaves soft edges and faint blotches on flat backgrounds; the evaluator reads those
+    as shape, size and position errors (measured: a round trip through the joint VAE alone scored shape
+    59%, position 62%, size 82%). The latent space does not move, so the base UNet stays valid.
+    """
+    ckpt = Checkpoint(cfg.run_dir / "decoder")
+    vae = arch.build_vae()
+    opt = torch.optim.AdamW(list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters()),
+                            lr=cfg.decoder_lr, weight_decay=0.0)
+    if ckpt.exists():
+        start = ckpt.load({"vae": vae}, opt)["step"]
+    else:
+        Checkpoint(cfg.run_dir / "vae").load({"vae": vae}, None)
+        start = 0
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    rng = random.Random(cfg.seed * 1013 + start)
+    vae.train()
+
+    def step_fn(step: int) -> float:
+        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
+        for g in opt.param_groups:
+            g["lr"] = cfg.decoder_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps)))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()  # what the UNet is trained to produce
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)  # L1 keeps flat areas flat and edges sharp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    loop("decoder", cfg.decoder_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start,
+         minutes, cfg.checkpoint_minutes)
 
 
 # -- stage 2: text encoder + UNet --------------------------------------------------------------------
@@ -369,6 +412,8 @@ def run(cfg: TrainConfig, stages: tuple[str, ...] = STAGES, minutes: float | Non
         left = None if minutes is None else max(0.1, minutes - (time.monotonic() - t0) / 60)
         if stage == "vae":
             train_vae(cfg, left)
+        elif stage == "decoder":
+            train_decoder(cfg, left)
         elif stage == "base":
             train_base(cfg, left)
             export_pipeline(cfg)
