@@ -61,6 +61,35 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
         reached = grown
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The biggest 8-connected region of the mask: the object, without stray specks a decoder leaves on a
+    flat background (a person reading the picture ignores them; a bounding box over all pixels would not)."""
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, region = [(int(y0), int(x0))], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        stack.append((v, u))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best, strict=True)
+        out[list(ys), list(xs)] = True
+    return out
+
+
 def nearest_cell(c: float, extent: float) -> int:
     """The grid cell whose placement (centre moved inward to fit an object this big) is nearest to c."""
     half = extent / 2
@@ -80,7 +109,7 @@ def analyze(img: np.ndarray) -> Reading:
     stripes = 0.2 <= near_shade.mean() <= 0.8
     d_bg = np.sqrt(((px - PALETTE[bg]) ** 2).sum(-1))
     d_shade = np.sqrt(((px - SHADES[bg]) ** 2).sum(-1))
-    mask = np.minimum(d_bg, d_shade if stripes else np.inf) > 60
+    mask = largest_component(np.minimum(d_bg, d_shade if stripes else np.inf) > 60)
     if mask.sum() < 12:
         return Reading(NAMES[bg], None, None, None, None, False, stripes)
     color = NAMES[int(np.bincount(nearest(px[mask]), minlength=len(NAMES)).argmax())]
