@@ -27,7 +27,7 @@ from models.errors import DiffuserveError, NotFound
 from server import metrics
 from server.schemas import ImageRequest, JobCreate, to_job
 from server.settings import Settings
-from workers.contract import FINAL, GROUP, JobStatus, Keys, ModelInfo, decode_event, encode_event, queue_job
+from workers.contract import FINAL, GROUP, JobStatus, Keys, ModelInfo, announce_final, decode_event, queue_job
 
 # One mapping table: domain error kind -> HTTP status (and the failure metric's label).
 STATUS = {
@@ -82,47 +82,60 @@ def error_response(kind: str, message: str, param: str | None = None, headers: d
     return JSONResponse(body, status_code=STATUS.get(kind, 500), headers=headers)
 
 
+FINAL_NAMES = {s.value for s in FINAL}
+
+
 class Waiters:
     """Every synchronous request of this API process waits on one Redis connection: a single task reads the
-    event streams of all waited-for jobs at once (XREAD over many streams), instead of each request holding
-    a blocking connection (under 5x overload those ran the pool dry). A job whose record vanished (Redis
-    restarted without persistence) resolves as "lost"; a Redis error fails every waiter (a 503)."""
+    shared ``finished`` stream (one XREAD, however many jobs are waited on; progress events never wake it),
+    instead of each request holding a blocking connection (under 5x overload those ran the pool dry). Every
+    ``CHECK_S`` the hashes of the waited-for jobs are read as a safety net: a final state whose notification
+    was missed resolves, and a record that vanished (Redis restarted without persistence) resolves as "lost".
+    A Redis error fails every waiter (a 503)."""
 
-    BLOCK_MS = 25  # new waiters join the next read: at most this much added latency
-    MAX_STREAMS = 1000  # per XREAD; the rest on the next round
+    BLOCK_MS = 1000
+    CHECK_S = 1.0
 
     def __init__(self, r: aioredis.Redis, keys: Keys) -> None:
         self.r, self.keys = r, keys
-        self.pending: dict[str, tuple[str, list[asyncio.Future]]] = {}  # job id -> (last event id, waiters)
+        self.pending: dict[str, list[asyncio.Future]] = {}  # job id -> waiters
         self.task: asyncio.Task | None = None
         self.wake = asyncio.Event()
 
     async def wait(self, job_id: str, timeout: float) -> str | None:
         fut = asyncio.get_running_loop().create_future()
-        last, futs = self.pending.setdefault(job_id, ("0-0", []))
-        futs.append(fut)
+        self.pending.setdefault(job_id, []).append(fut)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run())
         self.wake.set()
         try:
+            # Registered first, then read: a job that finished before the reader's position is seen here,
+            # one that finishes later is seen by the reader.
+            status = await self.r.hget(self.keys.job(job_id), "status")
+            self._check(job_id, status)
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             return None
         finally:
-            entry = self.pending.get(job_id)
-            if entry and fut in entry[1]:
-                entry[1].remove(fut)
-                if not entry[1]:
+            futs = self.pending.get(job_id)
+            if futs and fut in futs:
+                futs.remove(fut)
+                if not futs:
                     del self.pending[job_id]
 
+    def _check(self, job_id: str, status: bytes | None) -> None:
+        if status is None:
+            self._resolve(job_id, "lost")
+        elif status.decode() in FINAL_NAMES:
+            self._resolve(job_id, status.decode())
+
     def _resolve(self, job_id: str, result: str | None = None, error: BaseException | None = None) -> None:
-        _, futs = self.pending.pop(job_id, ("", []))
-        for f in futs:
+        for f in self.pending.pop(job_id, []):
             if not f.done():
                 f.set_exception(error) if error else f.set_result(result)
 
     async def _run(self) -> None:
-        final = {s.value for s in FINAL}
+        last: str | None = None
         last_check = time.monotonic()
         while True:
             if not self.pending:
@@ -130,34 +143,32 @@ class Waiters:
                 try:
                     await asyncio.wait_for(self.wake.wait(), 30)
                 except asyncio.TimeoutError:
-                    return  # idle: the next waiter starts a new task
+                    return  # idle: the next waiter starts a new task (and re-reads the stream's end)
                 continue
-            ids = list(self.pending)[: self.MAX_STREAMS]
             try:
-                resp = await self.r.xread({self.keys.events(j): self.pending[j][0] for j in ids},
-                                          block=self.BLOCK_MS, count=100)
-                for stream, entries in resp or []:
-                    job_id = (stream.decode() if isinstance(stream, bytes) else stream).split(":")[-2]
+                if last is None:  # start at the stream's current end; earlier finishes are in the hashes
+                    newest = await self.r.xrevrange(self.keys.finished(), count=1)
+                    last = newest[0][0] if newest else "0-0"
+                resp = await self.r.xread({self.keys.finished(): last}, block=self.BLOCK_MS, count=1000)
+                for _, entries in resp or []:
                     for eid, fields in entries:
-                        if job_id not in self.pending:
-                            break
-                        self.pending[job_id] = (eid, self.pending[job_id][1])
-                        kind = decode_event(fields)["kind"]
-                        if kind in final:
-                            self._resolve(job_id, kind)
-                if time.monotonic() - last_check > 2:  # records that vanished (Redis lost its data)
+                        last = eid
+                        job_id = (fields.get(b"id") or b"").decode()
+                        if job_id in self.pending:
+                            self._resolve(job_id, (fields.get(b"status") or b"").decode())
+                if time.monotonic() - last_check > self.CHECK_S and self.pending:
                     last_check = time.monotonic()
                     ids = list(self.pending)
                     async with self.r.pipeline(transaction=False) as p:
                         for j in ids:
-                            p.exists(self.keys.job(j))
-                        alive = await p.execute()
-                    for j, ok in zip(ids, alive, strict=True):
-                        if not ok:
-                            self._resolve(j, "lost")
+                            p.hget(self.keys.job(j), "status")
+                        statuses = await p.execute()
+                    for j, status in zip(ids, statuses, strict=True):
+                        self._check(j, status)
             except (RedisConnectionError, RedisTimeoutError) as e:
                 for j in list(self.pending):
                     self._resolve(j, error=e)
+                last = None
                 await asyncio.sleep(0.1)
 
     async def close(self) -> None:
@@ -244,9 +255,25 @@ def create_app(settings: Settings) -> FastAPI:
         return resp
 
     # -- helpers ---------------------------------------------------------------------------------------
+    models_seen: dict[str, tuple[float, ModelInfo | None]] = {}  # name -> (read at, info): 1 s cache
+    rates_seen: dict[str, tuple[float, float]] = {}  # model -> (read at, images/s of its live workers)
+
     async def model_info(r: aioredis.Redis, name: str) -> ModelInfo | None:
-        raw = await r.hget(keys.models(), name)
-        return ModelInfo.model_validate_json(raw) if raw else None
+        at, info = models_seen.get(name, (0.0, None))
+        if time.monotonic() - at > 1.0:
+            raw = await r.hget(keys.models(), name)
+            info = ModelInfo.model_validate_json(raw) if raw else None
+            if info or len(models_seen) < 64:  # a flood of made-up names cannot grow the cache
+                models_seen[name] = (time.monotonic(), info)
+        return info
+
+    async def throughput(r: aioredis.Redis, model: str) -> float:
+        at, rate = rates_seen.get(model, (0.0, 0.0))
+        if time.monotonic() - at > 2.0:
+            workers = [w for w in await live_workers(r) if w.get("model") == model]
+            rate = sum(float(w.get("images_per_s", 0) or 0) for w in workers)
+            rates_seen[model] = (time.monotonic(), rate)
+        return rate
 
     async def live_workers(r: aioredis.Redis) -> list[dict[str, str]]:
         out = []
@@ -260,10 +287,10 @@ def create_app(settings: Settings) -> FastAPI:
         model = body.model or settings.default_model
         job = to_job(body, await model_info(r, model), settings, model)
         job_id = uuid.uuid4().hex
-        if not await queue_job(r, keys, job_id, job, max_queue=settings.max_queue):
-            depth = await r.zcard(keys.queued(model))
-            workers = [w for w in await live_workers(r) if w.get("model") == model]
-            rate = sum(float(w.get("images_per_s", 0) or 0) for w in workers)
+        result = await queue_job(r, keys, job_id, job, max_queue=settings.max_queue)
+        if result != 1:  # full: one round trip told us so and the depth; the rate is cached
+            depth = -1 - int(result)
+            rate = await throughput(r, model)
             retry = max(1, math.ceil(depth / rate)) if rate > 0 else 5
             metrics.REJECTED.labels(model).inc()
             raise ApiError("overloaded_error", f"the queue for {model!r} is full ({depth} jobs). Hint: retry after "
@@ -353,7 +380,7 @@ def create_app(settings: Settings) -> FastAPI:
             async with r.pipeline(transaction=True) as p:
                 p.hset(keys.job(job_id), mapping={"status": "canceled", "finished": f"{time.time():.3f}",
                                                   "error": "canceled before it started"})
-                p.xadd(keys.events(job_id), encode_event("canceled", error="canceled before it started"))
+                announce_final(p, keys, job_id, "canceled", error="canceled before it started")
                 p.expire(keys.job(job_id), settings.result_ttl_s)
                 p.expire(keys.events(job_id), settings.result_ttl_s)
                 await p.execute()
@@ -390,7 +417,7 @@ def create_app(settings: Settings) -> FastAPI:
                         last = eid
                         ev = decode_event(fields)
                         yield f"event: {ev['kind']}\ndata: {json.dumps(ev)}\n\n".encode()
-                        if ev["kind"] in {s.value for s in FINAL}:
+                        if ev["kind"] in FINAL_NAMES:
                             return
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

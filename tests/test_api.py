@@ -268,6 +268,56 @@ def test_queue_bound_is_atomic_under_concurrent_enqueues(redis_server, r):
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(enqueue, range(32)))
-    assert sum(results) == 5
+    assert results.count(1) == 5
+    assert sorted(set(results) - {1}) == [-6]  # the rest learn the depth (5) from the same call
     assert r.zcard(KEYS.queued("tiny")) == 5 and r.xlen(KEYS.jobs("tiny")) == 5
     assert sum(1 for i in range(32) if r.exists(KEYS.job(f"job{i}"))) == 5
+
+
+def test_waiters_wake_on_the_finished_stream_and_recover_missed_notifications(redis_server, r):
+    """Synchronous waiters read one shared stream; a final state they missed, or a record that vanished,
+    is still found by the periodic check of the hashes."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aioredis
+
+    from server.app import Waiters
+    from workers.contract import announce_final
+
+    for j in ("w1", "w2", "w3", "w4"):
+        r.hset(KEYS.job(j), mapping={"status": "queued"})
+    r.hset(KEYS.job("w0"), mapping={"status": "succeeded"})
+
+    async def scenario() -> dict:
+        ar = aioredis.Redis.from_url(redis_server.url)
+        hub = Waiters(ar, KEYS)
+        hub.CHECK_S = 3600.0  # first: the stream alone must wake the waiter
+        try:
+            out = {"already": await hub.wait("w0", 5)}  # final before anyone waited
+            t0 = time.monotonic()
+            task = asyncio.create_task(hub.wait("w1", 10))
+            await asyncio.sleep(0.3)
+            with r.pipeline() as p:
+                p.hset(KEYS.job("w1"), "status", "failed")
+                announce_final(p, KEYS, "w1", "failed", error="x")
+                p.execute()
+            out["notified"] = await task
+            out["notified_s"] = time.monotonic() - t0 - 0.3
+            hub.CHECK_S = 0.2  # then: no notification at all, only the hashes
+            t2, t3 = asyncio.create_task(hub.wait("w2", 10)), asyncio.create_task(hub.wait("w3", 10))
+            await asyncio.sleep(0.3)
+            r.hset(KEYS.job("w2"), "status", "canceled")  # written without announcing
+            r.delete(KEYS.job("w3"))  # the record vanished
+            out["missed"], out["vanished"] = await t2, await t3
+            out["timeout"] = await hub.wait("w4", 0.2)  # still queued: the caller's timeout
+            return out
+        finally:
+            await hub.close()
+            await ar.aclose()
+
+    out = asyncio.run(scenario())
+    assert out["already"] == "succeeded"
+    assert out["notified"] == "failed" and out["notified_s"] < 0.5
+    assert out["missed"] == "canceled" and out["vanished"] == "lost"
+    assert out["timeout"] is None

@@ -13,6 +13,7 @@ Redis layout (``prefix`` defaults to ``diffuserve``):
 | {p}:job:{id}:events          | stream, TTL once final    | progress and final state, replayable            |
 | {p}:job:{id}:img:{i}         | string, TTL               | PNG bytes                                       |
 | {p}:worker:{name}            | hash, short TTL           | heartbeat                                       |
+| {p}:finished                 | stream, capped            | "job X reached a final state" for waiters       |
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ class Keys:
     def worker(self, name: str) -> str:
         return f"{self.p}:worker:{name}"
 
+    def finished(self) -> str:
+        """Stream of (id, status) as jobs reach a final state: one stream for an API process's waiters to read,
+        however many jobs they wait on. A notification only (capped); the job hash is the truth."""
+        return f"{self.p}:finished"
+
     def workers_pattern(self) -> str:
         return f"{self.p}:worker:*"
 
@@ -127,6 +133,16 @@ def encode_event(kind: str, **fields: Any) -> dict[str, str]:
     return {"kind": kind, "at": f"{time.time():.3f}", "data": json.dumps(fields)}
 
 
+FINISHED_MAXLEN = 10_000  # notifications kept; a waiter that misses one still finds the final state in the hash
+
+
+def announce_final(pipe: Any, keys: Keys, job_id: str, status: str, **data: Any) -> None:
+    """Queue on a pipeline the two events of a job reaching a final state: on its own event stream (SSE,
+    replayable) and on the shared ``finished`` stream (what synchronous waiters read)."""
+    pipe.xadd(keys.events(job_id), encode_event(status, **data))
+    pipe.xadd(keys.finished(), {"id": job_id, "status": status}, maxlen=FINISHED_MAXLEN, approximate=True)
+
+
 def decode_event(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
     d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
          for k, v in raw.items()}
@@ -141,8 +157,10 @@ def is_finite_number(x: Any) -> bool:
 # writes happen in one step on the server, so concurrent API replicas cannot overshoot the bound.
 # KEYS: queued zset, job hash, job events stream, model jobs stream.
 # ARGV: max_queue (-1: no bound), job id, created, request JSON, model, then the 'queued' event's fields.
+# Returns 1 when enqueued; when full, -1 - depth (so the caller learns the depth in the same round trip).
 ENQUEUE_SCRIPT = """
-if tonumber(ARGV[1]) >= 0 and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local depth = redis.call('ZCARD', KEYS[1])
+if tonumber(ARGV[1]) >= 0 and depth >= tonumber(ARGV[1]) then return -1 - depth end
 redis.call('HSET', KEYS[2], 'id', ARGV[2], 'status', 'queued', 'created', ARGV[3], 'request', ARGV[4],
            'attempts', 0, 'model', ARGV[5])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
@@ -155,7 +173,7 @@ return 1
 def queue_job(pipe: Any, keys: Keys, job_id: str, request: JobRequest, now: float | None = None,
               max_queue: int | None = None) -> None:
     """Queue the enqueue script on a (sync or async) Redis client or pipeline; it returns 1 when the job was
-    enqueued, 0 when the queue was full (and nothing was written)."""
+    enqueued, and -1 - depth when the queue was full (and nothing was written)."""
     now = time.time() if now is None else now
     event = [x for kv in encode_event(JobStatus.queued.value).items() for x in kv]
     return pipe.eval(ENQUEUE_SCRIPT, 4, keys.queued(request.model), keys.job(job_id), keys.events(job_id),

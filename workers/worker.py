@@ -30,7 +30,7 @@ import redis
 
 from models.errors import DiffuserveError
 from workers import metrics as m
-from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, encode_event
+from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, announce_final, encode_event
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class Worker:
                     "seeds": ",".join(str(s.seed) for s in job.samples), "warnings": "\n".join(warnings),
                     "progress_step": job.samples[0].steps_total,
                 })
-                p.xadd(self.keys.events(job.id), encode_event("succeeded", images=len(images)))
+                announce_final(p, self.keys, job.id, JobStatus.succeeded.value, images=len(images))
                 p.expire(key, ttl)
                 p.expire(self.keys.events(job.id), ttl)
                 p.execute()
@@ -389,7 +389,7 @@ class Worker:
         key = self.keys.job(job_id)
         with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping={"status": status.value, "finished": f"{time.time():.3f}", "error": error})
-            p.xadd(self.keys.events(job_id), encode_event(status.value, error=error))
+            announce_final(p, self.keys, job_id, status.value, error=error)
             p.expire(key, self.s.result_ttl_s)
             p.expire(self.keys.events(job_id), self.s.result_ttl_s)
             p.zrem(self.keys.queued(self.s.model_name), job_id)
