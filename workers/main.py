@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,37 +35,64 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=int(env("DIFFUSERVE_THREADS", "0")),
                    help="CPU threads for torch in this worker (0: torch's default; serve splits the cores "
                         "between its CPU workers so they do not oversubscribe them)")
+    p.add_argument("--respawn", action=argparse.BooleanOptionalAction,
+                   default=env("DIFFUSERVE_RESPAWN", "1") not in ("0", "false", "no"),
+                   help="CPU: serve from a forked process and fork a new one at once when it dies (default on)")
     p.add_argument("--enable-test-faults", action="store_true", default=env("DIFFUSERVE_TEST_FAULTS") == "1",
                    help=argparse.SUPPRESS)
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    import torch
+
     from models.cli import DEFAULT_MODEL, default_lora_dir
     from models.engine import Engine, default_engine_mode
-    from models.loading import load_pipeline
-    from workers.worker import Worker, WorkerSettings
+    from models.loading import load_pipeline, resolve_device
+    from workers.respawn import Respawner, can_fork
 
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
+    respawn = args.respawn and can_fork(resolve_device(args.device))
+    # A parent that forks must never start OpenMP's thread pool (see workers/respawn.py): one thread while
+    # loading; each serving process sets its own.
+    torch.set_num_threads(1 if respawn else threads)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     model = load_pipeline(model_dir, device=args.device, dtype=args.dtype, name=args.model_name)
     lora_dir = args.lora_dir or default_lora_dir(model_dir)
     mode = default_engine_mode(model.device) if args.engine_mode == "auto" else args.engine_mode
     engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None)
+
+    def serve(previous: int | None, respawns: int) -> int:
+        torch.set_num_threads(threads)
+        return serve_worker(args, engine, mode, respawns, previous_name=worker_name(args, previous) if previous else None)
+
+    if not respawn:
+        return serve_worker(args, engine, mode, 0)
+    from workers.supervisor import mark_dead
+
+    return Respawner(serve, on_death=lambda pid: mark_dead(pid, dict(os.environ))).run()
+
+
+def worker_name(args: argparse.Namespace, pid: int | None = None) -> str:
+    return args.name or f"{socket.gethostname()}-{pid or os.getpid()}"
+
+
+def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: int,
+                 previous_name: str | None = None) -> int:
+    from workers.worker import Worker, WorkerSettings
+
+    model = engine.model  # type: ignore[attr-defined]
     settings = WorkerSettings(
         redis_url=args.redis_url, model_name=model.name, max_batch=args.max_batch, batching=args.batching,
         result_ttl_s=args.result_ttl_s, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
-        faults=args.enable_test_faults, prefix=args.prefix,
+        faults=args.enable_test_faults, prefix=args.prefix, name=worker_name(args), respawns=respawns,
     )
-    if args.name:
-        settings.name = args.name
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
     worker = Worker(settings, engine)
+    if previous_name:
+        worker.take_over(previous_name)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop(args.grace_s))
     signal.signal(signal.SIGINT, lambda *_: worker.stop(args.grace_s))
     log.warning("worker %s serving %r on %s (%s mode)", settings.name, model.name, model.device, mode)

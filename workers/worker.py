@@ -35,6 +35,21 @@ from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, anno
 log = logging.getLogger(__name__)
 
 
+# KEYS: the job stream. ARGV: group, dead consumer, idle to set. Moves the consumer's pending entries to the
+# 'handoff' consumer with an idle time past the claim threshold, in one step.
+TAKE_OVER_SCRIPT = """
+local pend = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+if #pend == 0 then return 0 end
+local args = {KEYS[1], ARGV[1], 'handoff', 0}
+for _, e in ipairs(pend) do args[#args + 1] = e[1] end
+args[#args + 1] = 'IDLE'
+args[#args + 1] = ARGV[3]
+args[#args + 1] = 'JUSTID'
+redis.call('XCLAIM', unpack(args))
+return #pend
+"""
+
+
 @dataclass
 class WorkerSettings:
     redis_url: str
@@ -50,6 +65,7 @@ class WorkerSettings:
     block_ms: int = 200
     faults: bool = False  # test-only fault hooks (JobRequest.fault); never on in production
     prefix: str = "diffuserve"
+    respawns: int = 0  # processes of this worker that died before this one (reported in the heartbeat)
 
 
 @dataclass
@@ -414,6 +430,18 @@ class Worker:
         if not self.stopping:
             self.reclaim()
 
+    def take_over(self, consumer: str) -> int:
+        """Make the pending entries of a consumer known to be dead (this worker's previous process, whose exit
+        the parent saw) claimable at once, instead of after ``claim_idle_ms``; this worker's first reclaim
+        takes them. Atomic, so an entry another worker has just claimed is not taken from it."""
+        n = int(self.r.eval(TAKE_OVER_SCRIPT, 1, self.stream, GROUP, consumer, self.s.claim_idle_ms + 1))
+        if consumer != self.s.name:
+            self.r.xgroup_delconsumer(self.stream, GROUP, consumer)  # it holds nothing now
+            self.r.delete(self.keys.worker(consumer))  # and leaves /v1/workers now, not at its heartbeat's TTL
+        if n:
+            log.warning("took over %d job(s) of dead process %s", n, consumer)
+        return n
+
     def reclaim(self) -> None:
         """Claim dead workers' entries (idle past ``claim_idle_ms``). They are older than anything new, so while
         some wait and this worker is full, it admits nothing new: the next free slot goes to them."""
@@ -463,7 +491,7 @@ class Worker:
                 "device": info["device"], "dtype": info["dtype"], "batch": sum(len(j.samples) for j in self.active.values()),
                 "jobs_done": self.jobs_done, "heartbeat": f"{time.time():.3f}", "version": "0.1.0",
                 "stopping": int(self.stopping), "images_per_s": f"{self.images_per_s:.4f}",
-                "max_batch": self.s.max_batch,
+                "max_batch": self.s.max_batch, "respawns": self.s.respawns,
             })
             p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
             p.execute()

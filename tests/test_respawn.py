@@ -1,0 +1,125 @@
+"""A CPU worker serves from a forked process and forks a new one at once when it dies.
+
+The claim idle time is set to a minute here, so a job that recovers within seconds can only have been
+handed over by the respawned process (not reclaimed by the idle-time path).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from workers.contract import JobRequest, Keys, queue_job
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(pred, timeout: float, what: str):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture()
+def worker_proc(redis_server, tiny_model_dir, tmp_path):
+    prefix = f"respawn{uuid.uuid4().hex[:8]}"
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "worker", "--redis-url", redis_server.url, "--model",
+         str(tiny_model_dir), "--model-name", "tiny", "--prefix", prefix, "--claim-idle-ms", "60000",
+         "--grace-s", "5", "--threads", "1", "--enable-test-faults"],
+        stdout=log, stderr=subprocess.STDOUT)
+    keys = Keys(prefix)
+    r = redis_server.client()
+
+    def heartbeat() -> dict[str, str] | None:
+        for key in r.scan_iter(match=keys.workers_pattern()):
+            h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+            if h.get("pid"):
+                return h
+        return None
+
+    proc.keys, proc.r, proc.heartbeat, proc.log_path = keys, r, heartbeat, tmp_path / "worker.log"
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def submit(proc, steps: int, fault: str | None = None) -> str:
+    job_id = uuid.uuid4().hex
+    req = JobRequest(model="tiny", prompt="a red circle", width=32, height=32, steps=steps, guidance_scale=3.0,
+                     seed=1, sampler="ddim", fault=fault)
+    queue_job(proc.r, proc.keys, job_id, req)
+    return job_id
+
+
+def record(proc, job_id: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in proc.r.hgetall(proc.keys.job(job_id)).items()}
+
+
+def test_killed_child_is_replaced_at_once_and_its_job_handed_over(worker_proc):
+    proc = worker_proc
+    first = wait_for(proc.heartbeat, 120, "the first heartbeat")
+    child = int(first["pid"])
+    assert child != proc.pid and first["respawns"] == "0"  # the parent holds the model; a child serves
+    job = submit(proc, steps=400)
+    wait_for(lambda: int(record(proc, job).get("progress_step", 0) or 0) >= 2, 60, "the job to be running")
+    t_kill = time.monotonic()
+    os.kill(child, signal.SIGKILL)
+    st = wait_for(lambda: (h := record(proc, job)).get("status") in ("succeeded", "failed") and h, 50,
+                  "the job to finish after the kill")
+    recovered_s = time.monotonic() - t_kill
+    assert st["status"] == "succeeded" and st["attempts"] == "2", st
+    assert recovered_s < 50  # far below the 60 s claim idle time: handed over, not reclaimed by idleness
+    beat = wait_for(lambda: (h := proc.heartbeat()) and h["pid"] != str(child) and h, 10, "the new heartbeat")
+    assert beat["respawns"] == "1" and alive(proc.pid) and not alive(child)
+    assert proc.r.exists(proc.keys.worker(first["name"])) == 0  # the dead one left the live set at once
+    proc.send_signal(signal.SIGTERM)  # the parent forwards it; both exit cleanly
+    assert proc.wait(timeout=30) == 0
+    assert not alive(int(beat["pid"]))
+
+
+def test_poison_job_fails_without_waiting_for_claim_timeouts(worker_proc):
+    proc = worker_proc
+    wait_for(proc.heartbeat, 120, "the first heartbeat")
+    t0 = time.monotonic()
+    poison = submit(proc, steps=4, fault="crash")
+    healthy = [submit(proc, steps=4) for _ in range(3)]
+    st = wait_for(lambda: (h := record(proc, poison)).get("status") in ("failed", "succeeded") and h, 50,
+                  "the poison job's final state")
+    assert st["status"] == "failed" and "poison" in st["error"], st
+    assert time.monotonic() - t0 < 50  # three deaths, each handed over at once (claim idle is 60 s)
+    for job in healthy:
+        assert wait_for(lambda j=job: record(proc, j).get("status") in ("succeeded", "failed"), 30, "healthy jobs")
+        assert record(proc, job)["status"] == "succeeded"
+    assert proc.poll() is None and int(proc.heartbeat()["respawns"]) >= 3
+
+
+def test_child_dies_with_its_parent(worker_proc):
+    proc = worker_proc
+    child = int(wait_for(proc.heartbeat, 120, "the first heartbeat")["pid"])
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not alive(child), 10, "the child to exit with its parent")

@@ -1,0 +1,110 @@
+"""A CPU worker's own fast restart: load the model once, fork the serving process, fork a new one when it dies.
+
+Restarting a dead worker from scratch (start Python, import torch and diffusers, read the weights) takes
+seconds, and meanwhile its jobs wait for the claim idle time before anyone takes them. Under a poison job
+that kills every process that runs it, or a flaky kernel, that is most of the lost throughput. So on CPU,
+``diffuserve worker`` keeps a parent that holds the loaded model and never serves: it forks a child that
+does, and when the child dies abnormally the parent forks a fresh one at once (copy-on-write: no import, no
+weight reading). The new child first hands the dead one's pending queue entries back (they are claimable at
+once, not after ``claim_idle_ms``), then serves. The parent forwards SIGTERM/SIGINT and exits with the child.
+
+Why CPU only: a CUDA context does not survive fork. And why the parent runs torch with one thread: GNU
+OpenMP's thread pool is not fork-safe; a child that inherits a started pool hangs in its first parallel
+region (measured here with torch 2.13). A parent that never ran a parallel region leaves no pool, and each
+child sets its own thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+CRASH_LOOP_S = 5.0  # a child that dies sooner than this after its start counts towards the back-off
+
+
+def can_fork(device: object) -> bool:
+    return hasattr(os, "fork") and getattr(device, "type", "cpu") == "cpu"
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (no orphaned child serving on its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Respawner:
+    """Run ``serve(previous_pid, generation)`` in a forked child; fork it again whenever it dies abnormally.
+
+    ``serve`` returns the child's exit code; ``previous_pid`` is the pid of the child that died before it
+    (None for the first), so the new one can take over its queue entries.
+    """
+
+    def __init__(self, serve: Callable[[int | None, int], int], on_death: Callable[[int], None] | None = None,
+                 max_backoff_s: float = 30.0) -> None:
+        self.serve, self.on_death, self.max_backoff_s = serve, on_death, max_backoff_s
+        self.child: int | None = None
+        self.stopping = False
+        self.respawns = 0
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        if self.child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signum)
+
+    def _fork(self, previous: int | None) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: serve, and never return into the parent's loop
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                die_with_parent()
+                code = self.serve(previous, self.respawns)
+            except BaseException:
+                log.exception("worker child failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        return pid
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._forward)
+        signal.signal(signal.SIGINT, self._forward)
+        previous: int | None = None
+        quick_deaths = 0
+        while True:
+            born = time.monotonic()
+            self.child = self._fork(previous)
+            while True:
+                try:
+                    _, status = os.waitpid(self.child, 0)
+                    break
+                except InterruptedError:  # a signal arrived; it was forwarded: keep waiting
+                    continue
+            code = os.waitstatus_to_exitcode(status)
+            dead, self.child = self.child, None
+            if self.on_death:
+                self.on_death(dead)
+            if self.stopping or code == 0:
+                return max(code, 0)
+            self.respawns += 1
+            quick_deaths = quick_deaths + 1 if time.monotonic() - born < CRASH_LOOP_S else 0
+            delay = min(self.max_backoff_s, 0.25 * 2 ** (quick_deaths - 1)) if quick_deaths > 2 else 0.0
+            log.warning("worker child %d died (%s); forking a new one%s", dead,
+                        f"signal {-code}" if code < 0 else f"exit {code}", f" in {delay:.1f} s" if delay else "")
+            if delay:
+                time.sleep(delay)
+                if self.stopping:
+                    return 0
+            previous = dead
