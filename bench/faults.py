@@ -213,8 +213,9 @@ def scenario_redis(c: Cluster, jobs: int, down_s: float, steps: tuple[int, int])
                 fmt_codes({code: sum(1 for c2, _ in waiters if c2 == code) for code, _ in waiters}) +
                 f", slowest {max(t for _, t in waiters):.1f} s", "no hang, no 500",
                 all(code in (404, 503) or code == 200 for code, _ in waiters)),
-            Row("redis", "API and workers reconnected (a new job succeeds)", after.status_code, "200",
-                after.status_code == 200),
+            Row("redis", "API and workers reconnected (a new job succeeds)",
+                str(after.status_code) if after.status_code == 200 else f"{after.status_code}: {after.text[:120]}",
+                "200", after.status_code == 200),
         ]
     return rows
 
