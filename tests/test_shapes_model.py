@@ -68,9 +68,11 @@ def test_stock_load_lora_weights_gives_the_same_image(shapes_engine, adapter):
 
 def test_prompts_change_the_picture(shapes_engine):
     """A CI-sized adherence check on 24 held-out prompts (the full table is in the model card: 200 prompts
-    gave background 100%, colour 87%). The weights are undertrained: the floors sit well above chance
-    (1/8 background, 1/7 colour) and below the measured rates; raise them as the model improves."""
+    gave background 100%, colour 89.5%, size 93%, shape 73.5%). The weights are undertrained: the floors sit
+    well above chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape) and below the measured rates;
+    raise them as the model improves. Position is not checked yet (the model ignores it; see the card)."""
     from models.shapes.evaluate import evaluate
 
     report = evaluate(shapes_engine, n=24, adapters=False)
-    assert report["background"] >= 0.85 and report["color"] >= 0.6, report
+    assert report["background"] >= 0.85 and report["color"] >= 0.7, report
+    assert report["size"] >= 0.75 and report["shape"] >= 0.5, report
