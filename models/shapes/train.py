@@ -104,6 +104,19 @@ class Checkpoint:
         return json.loads((self.dir / "state.json").read_text())
 
 
+def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int, total: int) -> None:
+    """Linear warm-up, then cosine decay to 0 at ``total``."""
+    for g in opt.param_groups:
+        g["lr"] = base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -149,15 +162,10 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
 
     def step_fn(step: int) -> float:
         x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss)
+        return descend(opt, F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean())
 
     loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
          cfg.checkpoint_minutes)
@@ -195,16 +203,11 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
 
     def step_fn(step: int) -> float:
         x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
-        for g in opt.param_groups:
-            g["lr"] = cfg.decoder_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps)))
+        set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()  # what the UNet is trained to produce
         rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)  # L1 keeps flat areas flat and edges sharp
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss)
+        return descend(opt, F.l1_loss(rec, x) + F.mse_loss(rec, x))  # L1 keeps flat areas flat, edges sharp
 
     loop("decoder", cfg.decoder_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start,
          minutes, cfg.checkpoint_minutes)
@@ -301,8 +304,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
     te.train()
 
     def step_fn(step: int) -> float:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / 500) * (0.5 * (1 + math.cos(math.pi * step / cfg.base_steps)))
+        set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
         idx = torch.randint(0, len(scenes), (cfg.base_batch,), generator=job.gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
         loss = job.loss(z0, job.captions([scenes[i] for i in idx.tolist()]))
@@ -374,11 +376,7 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     def step_fn(step: int) -> float:
         idx = torch.randint(0, len(scenes), (cfg.lora_batch,), generator=job.gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
-        loss = job.loss(z0, job.captions([scenes[i] for i in idx.tolist()]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss)
+        return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
 
     loop(f"lora {style}", cfg.lora_steps, step_fn, ckpt, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
          state["step"], minutes, cfg.checkpoint_minutes)
