@@ -123,3 +123,29 @@ def test_child_dies_with_its_parent(worker_proc):
     proc.kill()
     proc.wait()
     wait_for(lambda: not alive(child), 10, "the child to exit with its parent")
+
+
+def test_respawner_backs_off_only_for_children_that_never_got_ready():
+    from workers.respawn import Respawner
+
+    def died_after_ready(previous, respawns, ready):
+        ready()
+        return 0 if respawns == 3 else 9  # three crashes while serving, then a clean exit
+
+    t0 = time.monotonic()
+    sup = Respawner(died_after_ready)
+    assert sup.run() == 0 and sup.respawns == 3
+    assert time.monotonic() - t0 < 2.0  # replaced at once each time
+
+    seen = []
+
+    def failed_to_start(previous, respawns, ready):
+        if respawns < 3:
+            return 1  # e.g. Redis unreachable at start: never ready
+        ready()
+        return 0
+
+    t0 = time.monotonic()
+    sup = Respawner(failed_to_start, on_death=seen.append)
+    assert sup.run() == 0 and sup.respawns == 3 and len(seen) == 4
+    assert time.monotonic() - t0 >= 0.5 + 1.0 + 2.0 - 0.1  # exponential back-off between failed starts

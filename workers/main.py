@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,9 @@ def run_worker(args: argparse.Namespace) -> int:
     mode = default_engine_mode(model.device) if args.engine_mode == "auto" else args.engine_mode
     engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None)
 
-    def serve(previous: int | None, respawns: int) -> int:
+    def serve(previous: int | None, respawns: int, ready: Callable[[], None]) -> int:
         torch.set_num_threads(threads)
-        return serve_worker(args, engine, mode, respawns, previous_name=worker_name(args, previous) if previous else None)
+        return serve_worker(args, engine, mode, respawns, worker_name(args, previous) if previous else None, ready)
 
     if not respawn:
         return serve_worker(args, engine, mode, 0)
@@ -77,7 +78,7 @@ def worker_name(args: argparse.Namespace, pid: int | None = None) -> str:
 
 
 def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: int,
-                 previous_name: str | None = None) -> int:
+                 previous_name: str | None = None, ready: Callable[[], None] | None = None) -> int:
     from workers.worker import Worker, WorkerSettings
 
     model = engine.model  # type: ignore[attr-defined]
@@ -93,6 +94,8 @@ def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: 
     worker = Worker(settings, engine)
     if previous_name:
         worker.take_over(previous_name)
+    if ready:
+        ready()
     signal.signal(signal.SIGTERM, lambda *_: worker.stop(args.grace_s))
     signal.signal(signal.SIGINT, lambda *_: worker.stop(args.grace_s))
     log.warning("worker %s serving %r on %s (%s mode)", settings.name, model.name, model.device, mode)

@@ -27,7 +27,6 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-CRASH_LOOP_S = 5.0  # a child that dies sooner than this after its start counts towards the back-off
 
 
 def can_fork(device: object) -> bool:
@@ -43,14 +42,17 @@ def die_with_parent() -> None:
 
 
 class Respawner:
-    """Run ``serve(previous_pid, generation)`` in a forked child; fork it again whenever it dies abnormally.
+    """Run ``serve(previous_pid, respawns, ready)`` in a forked child; fork again whenever it dies abnormally.
 
     ``serve`` returns the child's exit code; ``previous_pid`` is the pid of the child that died before it
-    (None for the first), so the new one can take over its queue entries.
+    (None for the first), so the new one can take over its queue entries; it calls ``ready()`` once it is
+    set up. A child that dies after that is replaced at once, however often (a poison job is bounded by
+    its delivery count, not here); only children that die before they are ready (Redis unreachable, bad
+    settings) back off exponentially, so a broken setup does not spin.
     """
 
-    def __init__(self, serve: Callable[[int | None, int], int], on_death: Callable[[int], None] | None = None,
-                 max_backoff_s: float = 30.0) -> None:
+    def __init__(self, serve: Callable[[int | None, int, Callable[[], None]], int],
+                 on_death: Callable[[int], None] | None = None, max_backoff_s: float = 30.0) -> None:
         self.serve, self.on_death, self.max_backoff_s = serve, on_death, max_backoff_s
         self.child: int | None = None
         self.stopping = False
@@ -62,30 +64,46 @@ class Respawner:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.child, signum)
 
-    def _fork(self, previous: int | None) -> int:
+    def _fork(self, previous: int | None) -> tuple[int, int]:
+        """Fork a child; returns (pid, read end of its readiness pipe)."""
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: serve, and never return into the parent's loop
+            os.close(r)
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 die_with_parent()
-                code = self.serve(previous, self.respawns)
+                code = self.serve(previous, self.respawns, lambda: os.write(w, b"1"))
             except BaseException:
                 log.exception("worker child failed")
             finally:
                 logging.shutdown()
                 os._exit(code)
-        return pid
+        os.close(w)
+        return pid, r
+
+    @staticmethod
+    def _was_ready(r: int) -> bool:
+        try:
+            return os.read(r, 1) == b"1"  # the child is gone: its write end is closed, so this never blocks
+        finally:
+            os.close(r)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._forward)
-        signal.signal(signal.SIGINT, self._forward)
+        saved = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
         previous: int | None = None
-        quick_deaths = 0
+        failed_starts = 0
         while True:
-            born = time.monotonic()
-            self.child = self._fork(previous)
+            self.child, ready_pipe = self._fork(previous)
             while True:
                 try:
                     _, status = os.waitpid(self.child, 0)
@@ -94,13 +112,14 @@ class Respawner:
                     continue
             code = os.waitstatus_to_exitcode(status)
             dead, self.child = self.child, None
+            was_ready = self._was_ready(ready_pipe)
             if self.on_death:
                 self.on_death(dead)
             if self.stopping or code == 0:
                 return max(code, 0)
             self.respawns += 1
-            quick_deaths = quick_deaths + 1 if time.monotonic() - born < CRASH_LOOP_S else 0
-            delay = min(self.max_backoff_s, 0.25 * 2 ** (quick_deaths - 1)) if quick_deaths > 2 else 0.0
+            failed_starts = 0 if was_ready else failed_starts + 1
+            delay = min(self.max_backoff_s, 0.5 * 2 ** (failed_starts - 1)) if failed_starts else 0.0
             log.warning("worker child %d died (%s); forking a new one%s", dead,
                         f"signal {-code}" if code < 0 else f"exit {code}", f" in {delay:.1f} s" if delay else "")
             if delay:
