@@ -87,6 +87,12 @@ def test_the_official_openai_sdk_works_unchanged(served):
     assert e.value.body["param"] == "size"
 
 
+def test_workers_run_below_the_api_in_cpu_priority(served):
+    base, proc = served
+    pid = httpx.get(f"{base}/v1/workers").json()["data"][0]["pid"]
+    assert os.getpriority(os.PRIO_PROCESS, pid) - os.getpriority(os.PRIO_PROCESS, proc.pid) == 10
+
+
 def test_worker_sigkilled_mid_job_still_succeeds(served):
     base, _ = served
     job = httpx.post(f"{base}/v1/jobs", json={"prompt": "a long job", "steps": 60, "seed": 3}).json()["id"]

@@ -36,6 +36,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=int(env("DIFFUSERVE_THREADS", "0")),
                    help="CPU threads for torch in this worker (0: torch's default; serve splits the cores "
                         "between its CPU workers so they do not oversubscribe them)")
+    p.add_argument("--nice", type=int, default=int(env("DIFFUSERVE_NICE", "0")),
+                   help="raise this process's niceness by N (serve uses 10: the API it shares the box with stays "
+                        "responsive while workers keep every core busy)")
     p.add_argument("--respawn", action=argparse.BooleanOptionalAction,
                    default=env("DIFFUSERVE_RESPAWN", "1") not in ("0", "false", "no"),
                    help="CPU: serve from a forked process and fork a new one at once when it dies (default on)")
@@ -51,6 +54,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from models.loading import load_pipeline, resolve_device
     from workers.respawn import Respawner, can_fork
 
+    if args.nice > 0:
+        os.nice(args.nice)
     threads = args.threads if args.threads > 0 else torch.get_num_threads()
     respawn = args.respawn and can_fork(resolve_device(args.device))
     # A parent that forks must never start OpenMP's thread pool (see workers/respawn.py): one thread while
