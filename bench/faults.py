@@ -345,6 +345,10 @@ def scenario_sigterm(c: Cluster, rate: float, steps: tuple[int, int]) -> list[Ro
                 h = r.hget(Keys().worker(w["name"]), "stopping")
                 saw_stopping |= h is None or h == b"1"
                 time.sleep(0.02)
+            # A worker with nothing in flight can exit before the first poll (a forked child exits at once). It
+            # deletes its heartbeat, or marks it stopping, only on a clean stop; a crash leaves "stopping" 0.
+            h = r.hget(Keys().worker(w["name"]), "stopping")
+            saw_stopping |= h is None or h == b"1"
             rounds += 1
             not_ready_first += saw_stopping
         c.wait_workers(c.workers)
