@@ -386,9 +386,7 @@ def create_app(settings: Settings) -> FastAPI:
             async with r.pipeline(transaction=True) as p:
                 p.hset(keys.job(job_id), mapping={"status": "canceled", "finished": f"{time.time():.3f}",
                                                   "error": "canceled before it started"})
-                announce_final(p, keys, job_id, "canceled", error="canceled before it started")
-                p.expire(keys.job(job_id), settings.result_ttl_s)
-                p.expire(keys.events(job_id), settings.result_ttl_s)
+                announce_final(p, keys, job_id, "canceled", settings.result_ttl_s, error="canceled before it started")
                 await p.execute()
         return job_view(request, await job_record(r, job_id), None)
 

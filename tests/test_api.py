@@ -300,7 +300,7 @@ def test_waiters_wake_on_the_finished_stream_and_recover_missed_notifications(re
             await asyncio.sleep(0.3)
             with r.pipeline() as p:
                 p.hset(KEYS.job("w1"), "status", "failed")
-                announce_final(p, KEYS, "w1", "failed", error="x")
+                announce_final(p, KEYS, "w1", "failed", 60, error="x")
                 p.execute()
             out["notified"] = await task
             out["notified_s"] = time.monotonic() - t0 - 0.3

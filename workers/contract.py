@@ -136,11 +136,14 @@ def encode_event(kind: str, **fields: Any) -> dict[str, str]:
 FINISHED_MAXLEN = 10_000  # notifications kept; a waiter that misses one still finds the final state in the hash
 
 
-def announce_final(pipe: Any, keys: Keys, job_id: str, status: str, **data: Any) -> None:
-    """Queue on a pipeline the two events of a job reaching a final state: on its own event stream (SSE,
-    replayable) and on the shared ``finished`` stream (what synchronous waiters read)."""
+def announce_final(pipe: Any, keys: Keys, job_id: str, status: str, ttl_s: int, **data: Any) -> None:
+    """Queue on a pipeline what every writer of a final state does after writing the hash: the final event on
+    the job's own stream (SSE, replayable) and on the shared ``finished`` stream (what synchronous waiters
+    read), and the TTL of the job's hash and event stream."""
     pipe.xadd(keys.events(job_id), encode_event(status, **data))
     pipe.xadd(keys.finished(), {"id": job_id, "status": status}, maxlen=FINISHED_MAXLEN, approximate=True)
+    pipe.expire(keys.job(job_id), ttl_s)
+    pipe.expire(keys.events(job_id), ttl_s)
 
 
 def decode_event(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:

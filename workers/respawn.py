@@ -104,12 +104,7 @@ class Respawner:
         failed_starts = 0
         while True:
             self.child, ready_pipe = self._fork(previous)
-            while True:
-                try:
-                    _, status = os.waitpid(self.child, 0)
-                    break
-                except InterruptedError:  # a signal arrived; it was forwarded: keep waiting
-                    continue
+            _, status = os.waitpid(self.child, 0)  # a forwarded signal does not end the wait (PEP 475 retries)
             code = os.waitstatus_to_exitcode(status)
             dead, self.child = self.child, None
             was_ready = self._was_ready(ready_pipe)

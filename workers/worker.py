@@ -384,9 +384,7 @@ class Worker:
                     "seeds": ",".join(str(s.seed) for s in job.samples), "warnings": "\n".join(warnings),
                     "progress_step": job.samples[0].steps_total,
                 })
-                announce_final(p, self.keys, job.id, JobStatus.succeeded.value, images=len(images))
-                p.expire(key, ttl)
-                p.expire(self.keys.events(job.id), ttl)
+                announce_final(p, self.keys, job.id, JobStatus.succeeded.value, ttl, images=len(images))
                 p.execute()
             if self.s.faults and job.request.fault == "crash_after_result" and job.attempt == 1:
                 os._exit(17)  # test hook: dies between writing the result and acknowledging it, once
@@ -405,9 +403,7 @@ class Worker:
         key = self.keys.job(job_id)
         with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping={"status": status.value, "finished": f"{time.time():.3f}", "error": error})
-            announce_final(p, self.keys, job_id, status.value, error=error)
-            p.expire(key, self.s.result_ttl_s)
-            p.expire(self.keys.events(job_id), self.s.result_ttl_s)
+            announce_final(p, self.keys, job_id, status.value, self.s.result_ttl_s, error=error)
             p.zrem(self.keys.queued(self.s.model_name), job_id)
             p.execute()
         self.ack(msg_id)
