@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import DiffuserveError, NotFound
 from server import metrics
+from server.middleware import LimitsAndMetrics
 from server.schemas import ImageRequest, JobCreate, to_job
 from server.settings import Settings
 from workers.contract import FINAL, GROUP, JobStatus, Keys, ModelInfo, announce_final, decode_event, queue_job
@@ -246,19 +247,7 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response("service_unavailable", "the job store (Redis) is unreachable; retry shortly.",
                               headers={"Retry-After": "2"})
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            resp = error_response("request_too_large", f"request body exceeds {settings.max_body_bytes} bytes.")
-        else:
-            resp = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(request.method, path, str(resp.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(request.method, path).observe(time.perf_counter() - t0)
-        return resp
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes)
 
     # -- helpers ---------------------------------------------------------------------------------------
     models_seen: dict[str, tuple[float, ModelInfo | None]] = {}  # name -> (read at, info): 1 s cache

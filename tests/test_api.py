@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -172,6 +173,8 @@ def test_nan_and_infinity_refused(settings, registered, r):
 def test_body_too_large_413(settings, registered, r):
     with client(settings, max_body_bytes=2048) as c:
         resp = c.post("/v1/jobs", json={"prompt": "x", "init_image": "A" * 5000})
+        text = c.get("/metrics").text
+    assert 'diffuserve_http_requests_total{method="POST",route="unmatched",status="413"}' in text
     assert resp.status_code == 413 and resp.json()["error"]["type"] == "request_too_large"
     assert r.zcard(KEYS.queued("tiny")) == 0
 
@@ -181,9 +184,32 @@ def test_queue_full_429_with_retry_after(settings, registered, r):
         assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 202
         assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 202
         resp = c.post("/v1/jobs", json={"prompt": "x"})
+        text = c.get("/metrics").text
     assert resp.status_code == 429 and int(resp.headers["retry-after"]) >= 1
+    # counted under its route template and status by the ASGI middleware
+    assert 'diffuserve_http_requests_total{method="POST",route="/v1/jobs",status="429"}' in text
+    assert 'diffuserve_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
     assert resp.json()["error"]["type"] == "overloaded_error"
     assert r.zcard(KEYS.queued("tiny")) == 2
+
+
+def test_queue_bound_in_seconds_of_work_follows_measured_speed(settings, registered, r):
+    # A live worker of 'tiny' that has measured 2 images/s: with a 1.5 s wait bound the queue holds 3 jobs.
+    r.hset(KEYS.worker("fast-one"), mapping={"model": "tiny", "heartbeat": time.time(), "images_per_s": "2.0"})
+    try:
+        with client(settings, max_queue=100, max_queue_wait_s=1.5) as c:
+            codes = [c.post("/v1/jobs", json={"prompt": "x"}).status_code for _ in range(3)]
+            resp = c.post("/v1/jobs", json={"prompt": "x"})
+        assert codes == [202, 202, 202]
+        assert resp.status_code == 429 and resp.headers["retry-after"] == "2"  # ceil(3 jobs / 2 per s)
+        assert r.zcard(KEYS.queued("tiny")) == 3
+        # Nothing measured (a fresh worker): only the count bound applies.
+        r.hset(KEYS.worker("fast-one"), "images_per_s", "0")
+        with client(settings, max_queue=4, max_queue_wait_s=1.5) as c:
+            assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 202
+            assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 429
+    finally:
+        r.delete(KEYS.worker("fast-one"))
 
 
 def test_timeout_504_returns_job_id(settings, registered):
