@@ -282,7 +282,12 @@ def create_app(settings: Settings) -> FastAPI:
         model = body.model or settings.default_model
         job = to_job(body, await model_info(r, model), settings, model)
         job_id = uuid.uuid4().hex
-        result = await queue_job(r, keys, job_id, job, max_queue=settings.max_queue)
+        bound = settings.max_queue
+        if settings.max_queue_wait_s is not None:  # the bound in seconds of work, at the measured speed
+            rate = await throughput(r, model)
+            if rate > 0:  # nothing measured yet (a fresh worker): the count bound alone
+                bound = min(bound, max(1, math.floor(settings.max_queue_wait_s * rate)))
+        result = await queue_job(r, keys, job_id, job, max_queue=bound)
         if result != 1:  # full: one round trip told us so and the depth; the rate is cached
             depth = -1 - int(result)
             rate = await throughput(r, model)

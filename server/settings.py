@@ -36,6 +36,9 @@ class Settings(BaseModel):
     max_lora_scale: float = 4.0
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
     max_queue: int = Field(256, ge=0)  # queued jobs per model before 429
+    # Also 429 when a new job's estimated wait (queued jobs / the live workers' measured images per second)
+    # would pass this many seconds: a bound that follows the workers' speed. None: the count bound only.
+    max_queue_wait_s: float | None = Field(None, gt=0)
 
     request_timeout_s: float = Field(300.0, gt=0)  # the synchronous endpoint's wait, then 504 + job id
     default_deadline_s: float | None = None  # a job not started within this expires
