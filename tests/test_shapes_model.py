@@ -76,3 +76,18 @@ def test_prompts_change_the_picture(shapes_engine):
     report = evaluate(shapes_engine, n=24, adapters=False)
     assert report["background"] >= 0.85 and report["color"] >= 0.7, report
     assert report["size"] >= 0.75 and report["shape"] >= 0.5, report
+
+
+def test_position_probe_centroid_and_estimates():
+    from models.shapes.data import COLORS
+    from models.shapes.probe import centroid, x0_estimates
+
+    # The centroid of what differs from the background: a red square in the top-left cell of a blue image.
+    img = np.zeros((64, 64, 3)) + np.array(COLORS["blue"]) / 255
+    img[6:18, 4:16] = np.array(COLORS["red"]) / 255
+    cx, cy = centroid(img, COLORS["blue"])
+    assert abs(cx - 9.5) < 0.01 and abs(cy - 11.5) < 0.01
+    assert np.isnan(centroid(np.zeros((8, 8, 3)), (0, 0, 0))[0])  # nothing but background
+    est = x0_estimates(DEFAULT_MODEL, positions=("top left", "bottom right"), timesteps=(999, 600))
+    assert set(est) == {(t, p) for t in (999, 600) for p in ("top left", "bottom right")}
+    assert all(e.shape == (64, 64, 3) and e.min() >= 0 and e.max() <= 1 for e in est.values())
