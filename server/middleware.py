@@ -32,6 +32,14 @@ class LimitsAndMetrics:
             await self._too_large(send)
             self._observe(scope, method, 413, t0)
             return
+        if length is None and method in ("POST", "PUT", "PATCH"):
+            # A chunked body declares no length: read it here, up to the limit, and hand it on whole.
+            body = await self._read_bounded(receive)
+            if body is None:
+                await self._too_large(send)
+                self._observe(scope, method, 413, t0)
+                return
+            receive = self._replay(body, receive)
 
         async def send_timed(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":  # time to headers (an SSE stream goes on for long)
@@ -43,6 +51,33 @@ class LimitsAndMetrics:
         except Exception:
             self._observe(scope, method, 500, t0)
             raise
+
+    async def _read_bounded(self, receive: Any) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return b""
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes, receive: Any) -> Any:
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        return replay
 
     @staticmethod
     def _observe(scope: Scope, method: str, status: int, t0: float) -> None:

@@ -179,6 +179,20 @@ def test_body_too_large_413(settings, registered, r):
     assert r.zcard(KEYS.queued("tiny")) == 0
 
 
+def test_chunked_body_without_length_is_bounded_too(settings, registered, r):
+    def chunks(n):  # a generator body: sent with Transfer-Encoding: chunked, no Content-Length
+        for _ in range(n):
+            yield b" " * 1024
+        yield b'{"prompt": "x"}'
+
+    with client(settings, max_body_bytes=4096) as c:
+        big = c.post("/v1/jobs", content=chunks(16), headers={"content-type": "application/json"})
+        small = c.post("/v1/jobs", content=chunks(2), headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
+    assert small.status_code == 202, small.text  # within the limit: read and handed on whole
+    assert r.zcard(KEYS.queued("tiny")) == 1
+
+
 def test_queue_full_429_with_retry_after(settings, registered, r):
     with client(settings, max_queue=2) as c:
         assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 202
