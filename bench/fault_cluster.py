@@ -41,6 +41,32 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
+def api_histogram(url: str, route: str, status: int) -> dict[float, float]:
+    """The API's own request-latency histogram for one route and status: {bucket upper bound: count}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "diffuserve_http_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            lb = sample.labels
+            if sample.name.endswith("_bucket") and lb.get("route") == route and lb.get("status") == str(status):
+                out[float(lb["le"])] = out.get(float(lb["le"]), 0.0) + sample.value
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> tuple[float, int]:
+    """(upper bound of the bucket holding the q-quantile, count) of what was observed between two reads."""
+    delta = sorted((le, after.get(le, 0.0) - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0.0
+    for le, cumulative in delta:
+        if total and cumulative >= q * total:
+            return le, int(total)
+    return float("nan"), int(total)
+
+
 def alive(pid: int) -> bool:
     try:
         return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()

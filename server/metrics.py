@@ -17,8 +17,11 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 REQUESTS = Counter("diffuserve_http_requests_total", "HTTP requests by route and status",
                    ["method", "route", "status"], registry=REGISTRY)
-REQUEST_SECONDS = Histogram("diffuserve_http_request_duration_seconds", "HTTP request latency",
-                            ["method", "route"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram("diffuserve_http_request_duration_seconds",
+                            "HTTP request latency inside the API, to the response headers (429s apart from 200s)",
+                            ["method", "route", "status"], registry=REGISTRY,
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                     120, 300))
 LATENCY = Histogram("diffuserve_end_to_end_seconds", "Synchronous generation latency, enqueue to result",
                     ["model"], registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 REJECTED = Counter("diffuserve_rejected_total", "Requests refused with 429 (queue full)", ["model"],

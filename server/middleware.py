@@ -83,7 +83,7 @@ class LimitsAndMetrics:
     def _observe(scope: Scope, method: str, status: int, t0: float) -> None:
         path = getattr(scope.get("route"), "path", "unmatched")
         metrics.REQUESTS.labels(method, path, str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(method, path).observe(time.perf_counter() - t0)
+        metrics.REQUEST_SECONDS.labels(method, path, str(status)).observe(time.perf_counter() - t0)
 
     async def _too_large(self, send: Any) -> None:
         body = json.dumps({"error": {"type": "request_too_large", "param": None,

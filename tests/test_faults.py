@@ -29,3 +29,14 @@ def test_fault_scenario(scenario, model, tmp_path):
     assert rows
     broken = [r for r in rows if r.ok is False and not r.timing]
     assert not broken, table(broken)
+
+
+def test_bucket_quantile_of_what_was_observed_between_two_reads():
+    from bench.fault_cluster import bucket_quantile
+
+    before = {0.01: 5, 0.1: 5, 0.5: 5, float("inf"): 5}  # five earlier answers, all fast
+    after = {0.01: 95, 0.1: 104, 0.5: 105, float("inf"): 105}  # then 90 <= 10 ms, 9 <= 100 ms, 1 <= 500 ms
+    assert bucket_quantile(before, after, 0.5) == (0.01, 100)
+    assert bucket_quantile(before, after, 0.99) == (0.1, 100)
+    assert bucket_quantile(before, after, 1.0) == (0.5, 100)
+    assert bucket_quantile(after, after, 0.99)[1] == 0  # nothing observed in between
