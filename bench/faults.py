@@ -298,7 +298,9 @@ def scenario_overload(c: Cluster, seconds: float, steps: tuple[int, int]) -> lis
 
     sampler = threading.Thread(target=sample_depth, daemon=True)
     sampler.start()
-    rows = [Row("overload", "capacity (closed loop)", f"{capacity:.2f} img/s")]
+    wait_s = c.env.get("DIFFUSERVE_MAX_QUEUE_WAIT_S")
+    rows = [Row("overload", "capacity (closed loop)", f"{capacity:.2f} img/s"),
+            Row("overload", "queue bound", f"{c.max_queue} jobs" + (f" and {wait_s} s of work" if wait_s else ""))]
     p99 = {}
     route = "/v1/images/generations"
     for mult in (1, 2, 5):
@@ -498,7 +500,7 @@ SCENARIOS = ("kills", "poison", "redis", "overload", "sigterm", "inject", "soak"
 
 def run(only: tuple[str, ...] = SCENARIOS, quick: bool = False, model: Path | None = None,
         lora_dir: Path | None = None, workdir: Path | None = None, kills: int | None = None,
-        soak_s: float | None = None, steps: tuple[int, int] = (4, 12)) -> list[Row]:
+        soak_s: float | None = None, steps: tuple[int, int] = (4, 12), queue_wait_s: float | None = None) -> list[Row]:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="diffuserve-faults-"))
     if model is None:
         model, lora_dir = make_model(workdir, adapters=12)
@@ -508,6 +510,8 @@ def run(only: tuple[str, ...] = SCENARIOS, quick: bool = False, model: Path | No
             else 3600)}
     for name in only:
         c = Cluster(workdir / name, model, lora_dir, max_queue=16 if name == "overload" else 256)
+        if name == "overload" and queue_wait_s is not None:  # the bound in seconds of work as well
+            c.env["DIFFUSERVE_MAX_QUEUE_WAIT_S"] = str(queue_wait_s)
         with c:
             t0 = time.monotonic()
             if name == "kills":
@@ -545,13 +549,15 @@ def main() -> int:
     ap.add_argument("--steps", default="4,12", help="min,max denoising steps per job")
     ap.add_argument("--kills", type=int)
     ap.add_argument("--soak-s", type=float)
+    ap.add_argument("--queue-wait-s", type=float, help="overload: also bound the queue in seconds of work "
+                    "(DIFFUSERVE_MAX_QUEUE_WAIT_S); default: the count bound (16) alone")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lo, hi = (int(x) for x in args.steps.split(","))
     rows = run(tuple(args.only.split(",")), args.quick, args.model, args.lora_dir, args.workdir, args.kills,
-               args.soak_s, (lo, hi))
+               args.soak_s, (lo, hi), args.queue_wait_s)
     print("\n" + table(rows))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
