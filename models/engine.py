@@ -11,7 +11,9 @@ Generation reads as numbered stages:
 Each ``Sample`` carries its own latent, step index, plan, sampler state, guidance, embeddings, adapter set
 and RNG, so a sample's image never depends on its batch neighbours, and a worker can add a sample to a
 running batch at any step (continuous batching). Samples stepped together must share a ``GroupKey``
-(resolution and adapter set); ``Engine.groups`` partitions a set of samples accordingly.
+(resolution and adapter set); ``Engine.groups`` partitions a set of samples accordingly. With
+``lora_mode="per_sample"`` the adapter set leaves the key: adapters are applied per row by forward hooks
+(``LoraApplier.per_row``) instead of merged, so samples with different adapters share UNet calls.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from models.text import PromptEncoder
 
 MAX_SEED = 2**63 - 1
 ENGINE_MODES = ("exact", "fast")
+LORA_MODES = ("merge", "per_sample")
 
 
 def default_engine_mode(device: torch.device) -> str:
@@ -81,6 +84,7 @@ class Sample:
     guidance: float
     generator: torch.Generator
     warnings: list[str] = field(default_factory=list)
+    loras: AdapterSet = ()
 
     @property
     def done(self) -> bool:
@@ -127,9 +131,16 @@ class Engine:
         prompt_cache_size: int = 256,
         lora_cache_count: int = 8,
         lora_cache_bytes: int = 512 * 2**20,
+        lora_mode: str = "merge",
     ) -> None:
         if mode not in ENGINE_MODES:
             raise InvalidRequest(f"engine mode {mode!r} unknown. Hint: one of {ENGINE_MODES}.", param="engine_mode")
+        if lora_mode not in LORA_MODES:
+            raise InvalidRequest(f"LoRA mode {lora_mode!r} unknown. Hint: one of {LORA_MODES}.", param="lora_mode")
+        if lora_mode == "per_sample" and mode == "fast":
+            raise InvalidRequest("LoRA mode 'per_sample' needs engine mode 'exact': its hooks change with every "
+                                 "batch's adapter mix, which a compiled UNet would recompile for.", param="lora_mode")
+        self.lora_mode = lora_mode
         self.model = model
         self.mode = mode
         self.device = model.device
@@ -176,8 +187,11 @@ class Engine:
 
     # -- 2. encode prompt -----------------------------------------------------------------------
     def _embeddings(self, req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-        self.lora.activate(req.loras)
         te_key = self.lora.text_encoder_key(req.loras)
+        if self.lora_mode == "merge":
+            self.lora.activate(req.loras)
+        else:  # only the text encoder's part is merged, for as long as prompts are encoded
+            self.lora.activate(te_key, parts=("text_encoder",))
         cond = self.prompts.encode(req.prompt, te_key)
         warnings = [cond.warning] if cond.warning else []
         uncond = None
@@ -213,7 +227,8 @@ class Engine:
                 x = sampler.add_noise(plan, start, z0, noise)
             samples.append(
                 Sample(
-                    tag=tag, index=i, seed=req.seed + i, group=(req.height, req.width, req.loras),
+                    tag=tag, index=i, seed=req.seed + i, loras=req.loras,
+                    group=(req.height, req.width, req.loras if self.lora_mode == "merge" else ()),
                     sampler=sampler, plan=plan, state=SamplerState(), step_index=start, start_index=start,
                     x=x.to(self.device), cond=cond, uncond=uncond, guidance=req.guidance, generator=gen,
                     warnings=list(warnings),
@@ -248,13 +263,17 @@ class Engine:
         key = samples[0].group
         if any(s.group != key or s.done for s in samples):
             raise ValueError("step() takes unfinished samples of one group (same size and adapter set)")
-        self.lora.activate(key[2])
         guided = [s for s in samples if s.uncond is not None]
         rows = guided + list(samples)
         x_in = torch.cat([s.x * s.sampler.input_scale(s.plan, s.step_index) for s in rows])
         t = torch.tensor([float(s.plan.timesteps[s.step_index]) for s in rows], dtype=torch.float32)
         emb = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
-        out = self._unet_call(x_in, t.to(self.device), emb)
+        if self.lora_mode == "merge":
+            self.lora.activate(key[2])
+            out = self._unet_call(x_in, t.to(self.device), emb)
+        else:
+            with self.lora.per_row([s.loras for s in rows]):
+                out = self._unet_call(x_in, t.to(self.device), emb)
         uncond_out, cond_out = out[: len(guided)], out[len(guided) :]
         g = 0
         for j, s in enumerate(samples):

@@ -4,7 +4,9 @@ A LoRA adapter stores, per targeted layer with weight W (out x in), two factors 
 and optionally alpha; the adapted layer is W + scale * (alpha / r) * B A (Hu et al. 2021). We merge the
 active set into the weights (zero cost per denoising step) and keep a pristine copy of each touched weight,
 so switching sets restores exactly and never drifts, in fp16 too. Workers group samples by adapter set,
-so a switch happens once per group, not per sample.
+so a switch happens once per group, not per sample. Or, per sample (``LoraApplier.per_row``): the weights
+stay pristine and forward hooks add scale * B (A x) to the output rows of the samples that asked for it,
+so one UNet call can carry samples with different adapter sets.
 
 Accepted key namings:
 - diffusers / PEFT:  ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``text_encoder.<module>...``)
@@ -15,15 +17,18 @@ Accepted key namings:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from models.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
 
@@ -52,12 +57,24 @@ class LoraLayer:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def factor(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else 1.0
+
     def delta(self, weight_shape: torch.Size) -> torch.Tensor:
         """B A (alpha / r), shaped like the target weight (Linear, 1x1 or kxk conv)."""
         up = self.up.reshape(self.up.shape[0], -1).float()
         down = self.down.reshape(self.rank, -1).float()
-        d = (up @ down).reshape(weight_shape)
-        return d * (self.alpha / self.rank if self.alpha is not None else 1.0)
+        return (up @ down).reshape(weight_shape) * self.factor
+
+    def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """B (A x) (alpha / r) for the input of ``module`` (Linear or Conv2d), without forming B A."""
+        if isinstance(module, torch.nn.Conv2d):
+            down = self.down.reshape(self.rank, module.in_channels // module.groups, *module.kernel_size)
+            h = F.conv2d(x, down.to(x.dtype), None, module.stride, module.padding, module.dilation, module.groups)
+            return F.conv2d(h, self.up.reshape(self.up.shape[0], self.rank, 1, 1).to(x.dtype)) * self.factor
+        down = self.down.reshape(self.rank, -1).to(x.dtype)
+        return (x @ down.T) @ self.up.reshape(self.up.shape[0], -1).to(x.dtype).T * self.factor
 
 
 @dataclass
@@ -278,6 +295,23 @@ def normalize_set(loras: Any) -> AdapterSet:
     return tuple(sorted((n, s) for n, s in items.items() if s != 0.0))
 
 
+PARTS = ("unet", "text_encoder")
+
+
+def _row_deltas(entries: list[tuple[torch.Tensor | None, LoraLayer, float]]):  # -> a forward hook
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for index, layer, scale in entries:
+            if index is None:  # every row of the batch: no gather, no scatter
+                output.add_(layer.forward(module, x).to(output.dtype), alpha=scale)
+                continue
+            idx = index.to(x.device)
+            output.index_add_(0, idx, layer.forward(module, x.index_select(0, idx)).to(output.dtype), alpha=scale)
+        return output
+
+    return hook
+
+
 class LoraApplier:
     """Merges an adapter set into a UNet and text encoder, restoring pristine weights on every switch."""
 
@@ -288,6 +322,7 @@ class LoraApplier:
         }
         self.cache = cache
         self.active: AdapterSet = ()
+        self.active_parts: tuple[str, ...] = PARTS
         self._pristine: dict[tuple[str, str], torch.Tensor] = {}
 
     @staticmethod
@@ -307,22 +342,46 @@ class LoraApplier:
             self.cache.get(name)
 
     @torch.no_grad()
-    def activate(self, adapters: AdapterSet) -> None:
-        if adapters == self.active:
+    def activate(self, adapters: AdapterSet, parts: tuple[str, ...] = PARTS) -> None:
+        """Merge exactly ``adapters`` (their ``parts``) into the weights; every other weight pristine."""
+        if adapters == self.active and (not adapters or parts == self.active_parts):
             return
         loaded = [(self.cache.get(n), s) for n, s in adapters]
         self._restore()
         try:
             for adapter, scale in loaded:
-                for part in ("unet", "text_encoder"):
+                for part in parts:
                     for module, layer in getattr(adapter, part).items():
                         self._merge(part, module, layer, scale, adapter.name)
         except Exception:
             self._restore()
             raise
-        self.active = adapters
+        self.active, self.active_parts = adapters, parts
 
-    def _merge(self, part: str, module: str, layer: LoraLayer, scale: float, name: str) -> None:
+    @contextlib.contextmanager
+    def per_row(self, rows: Sequence[AdapterSet]) -> Iterator[None]:
+        """For one UNet call over a batch whose row i asked for ``rows[i]``: pristine weights, and forward
+        hooks that add scale * B (A x) to the output rows of each adapter's samples (W x + sum s B A x)."""
+        self.activate(())
+        index_of: dict[AdapterSet, list[int]] = {}
+        for i, adapters in enumerate(rows):
+            if adapters:
+                index_of.setdefault(adapters, []).append(i)
+        entries: dict[str, list[tuple[torch.Tensor | None, LoraLayer, float]]] = {}
+        for adapters, idx in index_of.items():
+            index = None if len(idx) == len(rows) else torch.tensor(idx)
+            for name, scale in adapters:
+                for module, layer in self.cache.get(name).unet.items():
+                    self._check_fits("unet", module, layer, name)
+                    entries.setdefault(module, []).append((index, layer, scale))
+        handles = [self.modules["unet"][m].register_forward_hook(_row_deltas(e)) for m, e in entries.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _check_fits(self, part: str, module: str, layer: LoraLayer, name: str) -> None:
         weight = self.modules[part][module].weight
         if layer.up.shape[0] != weight.shape[0] or layer.down[0].numel() != weight[0].numel():
             raise InvalidAdapter(
@@ -330,6 +389,10 @@ class LoraApplier:
                 f"{part}.{module} of shape {tuple(weight.shape)}. Hint: wrong base model.",
                 param="loras",
             )
+
+    def _merge(self, part: str, module: str, layer: LoraLayer, scale: float, name: str) -> None:
+        self._check_fits(part, module, layer, name)
+        weight = self.modules[part][module].weight
         if (part, module) not in self._pristine:
             self._pristine[(part, module)] = weight.detach().clone()
         merged = weight.float() + scale * layer.delta(weight.shape).to(weight.device)

@@ -238,3 +238,26 @@ def test_heartbeat_and_shutdown_hand_back(r, worker):
 def test_generation_request_mapping():
     g = to_generation_request(make_request(loras=[{"name": "a", "scale": 0.5}], n=3))
     assert isinstance(g, GenerationRequest) and g.loras == (("a", 0.5),) and g.n == 3 and g.init_image is None
+
+
+def test_per_sample_adapters_share_each_step(r, redis_server, engine, tiny_model_dir, lora_dir):
+    """lora_mode per_sample: jobs with different adapter sets advance together in one UNet call per tick
+    (merge mode steps one adapter set per tick), with the images of the merged path."""
+    from models.engine import Engine
+    from models.loading import load_pipeline
+
+    per_sample = Engine(load_pipeline(tiny_model_dir), mode="exact", lora_dir=str(lora_dir), lora_mode="per_sample")
+    sets = [[], [{"name": "style_a", "scale": 0.8}], [{"name": "style_b", "scale": 1.0}]]
+    reqs = [make_request(seed=50 + k, loras=loras) for k, loras in enumerate(sets)]
+    ids = [enqueue(r, req) for req in reqs]
+    w = Worker(WorkerSettings(redis_url=redis_server.url, model_name="tiny", block_ms=10), per_sample, r)
+    calls: list[set[str]] = []
+    step = per_sample.step
+    per_sample.step = lambda samples: (calls.append({s.tag for s in samples}), step(samples))[1]
+    w.run(burst=True)
+    assert calls and all(c == set(ids) for c in calls)  # every step carried all three jobs
+    assert len(calls) == 6  # 6 steps for the three of them, not 18
+    for job_id, req in zip(ids, reqs, strict=True):
+        assert status(r, job_id)["status"] == "succeeded"
+        want = engine.generate([to_generation_request(req)])[0].images[0].astype(int)
+        assert np.abs(image(r, job_id).astype(int) - want).max() <= 2

@@ -22,6 +22,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=env("DIFFUSERVE_DEVICE", "auto"))
     p.add_argument("--dtype", default=env("DIFFUSERVE_DTYPE", "auto"))
     p.add_argument("--engine-mode", default=env("DIFFUSERVE_ENGINE_MODE", "auto"), choices=["auto", "exact", "fast"])
+    p.add_argument("--lora-mode", default=env("DIFFUSERVE_LORA_MODE", "merge"), choices=["merge", "per_sample"],
+                   help="merge: adapters merged into the weights, one adapter set per UNet call (exact, the "
+                        "default); per_sample: applied per sample by hooks, mixed sets share UNet calls (exact mode)")
     p.add_argument("--max-batch", type=int, default=int(env("DIFFUSERVE_MAX_BATCH", "16")))
     p.add_argument("--batching", default=env("DIFFUSERVE_BATCHING", "continuous"), choices=["continuous", "request"])
     p.add_argument("--claim-idle-ms", type=int, default=int(env("DIFFUSERVE_CLAIM_IDLE_MS", "15000")))
@@ -51,6 +54,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from models.cli import DEFAULT_MODEL, default_lora_dir
     from models.engine import Engine, default_engine_mode
+    from models.errors import DiffuserveError
     from models.loading import load_pipeline, resolve_device
     from workers.respawn import Respawner, can_fork
 
@@ -64,8 +68,14 @@ def run_worker(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     model = load_pipeline(model_dir, device=args.device, dtype=args.dtype, name=args.model_name)
     lora_dir = args.lora_dir or default_lora_dir(model_dir)
-    mode = default_engine_mode(model.device) if args.engine_mode == "auto" else args.engine_mode
-    engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None)
+    if args.engine_mode != "auto":
+        mode = args.engine_mode
+    else:  # per-sample adapters run in exact mode (see models/engine.py)
+        mode = "exact" if args.lora_mode == "per_sample" else default_engine_mode(model.device)
+    try:
+        engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None, lora_mode=args.lora_mode)
+    except DiffuserveError as e:
+        raise SystemExit(f"diffuserve worker: {e.message}") from None
 
     def serve(previous: int | None, respawns: int, ready: Callable[[], None]) -> int:
         torch.set_num_threads(threads)
