@@ -6,7 +6,8 @@ active set into the weights (zero cost per denoising step) and keep a pristine c
 so switching sets restores exactly and never drifts, in fp16 too. Workers group samples by adapter set,
 so a switch happens once per group, not per sample. Or, per sample (``LoraApplier.per_row``): the weights
 stay pristine and forward hooks add scale * B (A x) to the output rows of the samples that asked for it,
-so one UNet call can carry samples with different adapter sets.
+so one UNet call can carry samples with different adapter sets (the batch's most common set is merged, the
+hooks carry the others' differences).
 
 Accepted key namings:
 - diffusers / PEFT:  ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``text_encoder.<module>...``)
@@ -298,13 +299,10 @@ def normalize_set(loras: Any) -> AdapterSet:
 PARTS = ("unet", "text_encoder")
 
 
-def _row_deltas(entries: list[tuple[torch.Tensor | None, LoraLayer, float]]):  # -> a forward hook
+def _row_deltas(entries: list[tuple[torch.Tensor, LoraLayer, float]]):  # -> a forward hook
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         for index, layer, scale in entries:
-            if index is None:  # every row of the batch: no gather, no scatter
-                output.add_(layer.forward(module, x).to(output.dtype), alpha=scale)
-                continue
             idx = index.to(x.device)
             output.index_add_(0, idx, layer.forward(module, x.index_select(0, idx)).to(output.dtype), alpha=scale)
         return output
@@ -360,17 +358,26 @@ class LoraApplier:
 
     @contextlib.contextmanager
     def per_row(self, rows: Sequence[AdapterSet]) -> Iterator[None]:
-        """For one UNet call over a batch whose row i asked for ``rows[i]``: pristine weights, and forward
-        hooks that add scale * B (A x) to the output rows of each adapter's samples (W x + sum s B A x)."""
-        self.activate(())
+        """For one UNet call over a batch whose row i asked for ``rows[i]``. The most common set among the
+        rows is merged into the weights (a no-op while it stays the common one, as in steady state), and
+        forward hooks add the difference for every other row: + s B (A x) for its adapters and - s B (A x)
+        for the merged set's. A batch of one set runs at merged speed; only the minority pays for hooks."""
+        counts: dict[AdapterSet, int] = {}
+        for adapters in rows:
+            counts[adapters] = counts.get(adapters, 0) + 1
+        common = max(counts, key=counts.__getitem__)
+        self.activate(common, parts=("unet",))
         index_of: dict[AdapterSet, list[int]] = {}
         for i, adapters in enumerate(rows):
-            if adapters:
-                index_of.setdefault(adapters, []).append(i)
-        entries: dict[str, list[tuple[torch.Tensor | None, LoraLayer, float]]] = {}
-        for adapters, idx in index_of.items():
-            index = None if len(idx) == len(rows) else torch.tensor(idx)
-            for name, scale in adapters:
+            if adapters != common:
+                diff = dict(adapters)
+                for name, scale in common:
+                    diff[name] = diff.get(name, 0.0) - scale
+                index_of.setdefault(tuple(sorted((n, v) for n, v in diff.items() if v != 0.0)), []).append(i)
+        entries: dict[str, list[tuple[torch.Tensor, LoraLayer, float]]] = {}
+        for diff, idx in index_of.items():
+            index = torch.tensor(idx)
+            for name, scale in diff:
                 for module, layer in self.cache.get(name).unet.items():
                     self._check_fits("unet", module, layer, name)
                     entries.setdefault(module, []).append((index, layer, scale))

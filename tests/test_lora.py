@@ -225,14 +225,22 @@ def test_per_sample_adapters_batch_mixed_sets_and_match_merged(engine, per_sampl
             assert np.abs(a - mixed[0]).max() > 10  # and the adapters did change the picture
 
 
-def test_per_sample_leaves_weights_pristine(engine, per_sample_engine):
+def test_per_sample_merges_the_common_set_and_hooks_the_rest(engine, per_sample_engine):
+    # Three samples with style_a, one with none, one with style_b: style_a is merged; the plain one gets
+    # - style_a, the style_b one + style_b - style_a, by hooks on its rows alone.
+    sets = [MIXED[1]] * 3 + [MIXED[0], MIXED[2]]
+    reqs = [GenerationRequest(**{**REQ, "seed": 60 + k}, loras=loras) for k, loras in enumerate(sets)]
+    got = [res.images[0].astype(int) for res in per_sample_engine.generate(reqs)]
+    assert per_sample_engine.lora.active == MIXED[1]  # the common set stays merged for the next step
+    for k, r in enumerate(reqs):
+        assert np.abs(got[k] - engine.generate([r])[0].images[0].astype(int)).max() <= 2, sets[k]
     unet = per_sample_engine.model.unet
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
-    req = GenerationRequest(**REQ, loras=MIXED[3])
-    got = per_sample_engine.generate([req])[0].images[0].astype(int)  # every row has the set: no gather
-    assert np.abs(got - engine.generate([req])[0].images[0].astype(int)).max() <= 2
-    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert not any(m._forward_hooks for m in unet.modules())  # hooks live for one UNet call only
+    per_sample_engine.lora.activate(())
+    pristine = {k: v.clone() for k, v in unet.state_dict().items()}
+    per_sample_engine.generate(reqs[:1])
+    per_sample_engine.lora.activate(())
+    assert all(torch.equal(pristine[k], v) for k, v in unet.state_dict().items())  # restored exactly
 
 
 def test_per_sample_needs_exact_mode(tiny_model):
