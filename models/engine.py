@@ -12,8 +12,9 @@ Each ``Sample`` carries its own latent, step index, plan, sampler state, guidanc
 and RNG, so a sample's image never depends on its batch neighbours, and a worker can add a sample to a
 running batch at any step (continuous batching). Samples stepped together must share a ``GroupKey``
 (resolution and adapter set); ``Engine.groups`` partitions a set of samples accordingly. With
-``lora_mode="per_sample"`` the adapter set leaves the key: adapters are applied per row by forward hooks
-(``LoraApplier.per_row``) instead of merged, so samples with different adapters share UNet calls.
+``lora_mode="per_sample"`` the adapter set leaves the key: the batch's most common set is merged and the
+other rows' differences are added by forward hooks (``LoraApplier.per_row``), so samples with different
+adapters share UNet calls.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ A LoRA adapter stores, per targeted layer with weight W (out x in), two factors 
 and optionally alpha; the adapted layer is W + scale * (alpha / r) * B A (Hu et al. 2021). We merge the
 active set into the weights (zero cost per denoising step) and keep a pristine copy of each touched weight,
 so switching sets restores exactly and never drifts, in fp16 too. Workers group samples by adapter set,
-so a switch happens once per group, not per sample. Or, per sample (``LoraApplier.per_row``): the weights
-stay pristine and forward hooks add scale * B (A x) to the output rows of the samples that asked for it,
-so one UNet call can carry samples with different adapter sets (the batch's most common set is merged, the
-hooks carry the others' differences).
+so a switch happens once per group, not per sample. Or, per sample (``LoraApplier.per_row``): the batch's
+most common set is merged and forward hooks add the other rows' differences, +-scale * B (A x), to those
+rows only, so one UNet call can carry samples with different adapter sets.
 
 Accepted key namings:
 - diffusers / PEFT:  ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``text_encoder.<module>...``)
@@ -335,9 +334,13 @@ class LoraApplier:
         return tuple((n, s) for n, s in adapters if self.cache.get(n).text_encoder)
 
     def load(self, adapters: AdapterSet) -> None:
-        """Make sure every adapter of the set is parsed and cached (raises for unknown or invalid ones)."""
+        """Make sure every adapter of the set is parsed, cached and fits this model's weights (raises for
+        unknown or invalid ones), once per request, so that the per-step paths need not check again."""
         for name, _ in adapters:
-            self.cache.get(name)
+            adapter = self.cache.get(name)
+            for part in PARTS:
+                for module, layer in getattr(adapter, part).items():
+                    self._check_fits(part, module, layer, name)
 
     @torch.no_grad()
     def activate(self, adapters: AdapterSet, parts: tuple[str, ...] = PARTS) -> None:
@@ -377,9 +380,8 @@ class LoraApplier:
         entries: dict[str, list[tuple[torch.Tensor, LoraLayer, float]]] = {}
         for diff, idx in index_of.items():
             index = torch.tensor(idx)
-            for name, scale in diff:
+            for name, scale in diff:  # shapes were checked when the request was resolved (``load``)
                 for module, layer in self.cache.get(name).unet.items():
-                    self._check_fits("unet", module, layer, name)
                     entries.setdefault(module, []).append((index, layer, scale))
         handles = [self.modules["unet"][m].register_forward_hook(_row_deltas(e)) for m, e in entries.items()]
         try:

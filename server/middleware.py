@@ -29,16 +29,12 @@ class LimitsAndMetrics:
         method = scope["method"]
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await self._too_large(send)
-            self._observe(scope, method, 413, t0)
-            return
+            return await self._too_large(scope, send, t0)
         if length is None and method in ("POST", "PUT", "PATCH"):
             # A chunked body declares no length: read it here, up to the limit, and hand it on whole.
             body = await self._read_bounded(receive)
             if body is None:
-                await self._too_large(send)
-                self._observe(scope, method, 413, t0)
-                return
+                return await self._too_large(scope, send, t0)
             receive = self._replay(body, receive)
 
         async def send_timed(message: dict[str, Any]) -> None:
@@ -85,9 +81,10 @@ class LimitsAndMetrics:
         metrics.REQUESTS.labels(method, path, str(status)).inc()
         metrics.REQUEST_SECONDS.labels(method, path, str(status)).observe(time.perf_counter() - t0)
 
-    async def _too_large(self, send: Any) -> None:
+    async def _too_large(self, scope: Scope, send: Any, t0: float) -> None:
         body = json.dumps({"error": {"type": "request_too_large", "param": None,
                                      "message": f"request body exceeds {self.max_body_bytes} bytes."}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+        self._observe(scope, scope["method"], 413, t0)
