@@ -91,3 +91,16 @@ def test_position_probe_centroid_and_estimates():
     est = x0_estimates(DEFAULT_MODEL, positions=("top left", "bottom right"), timesteps=(999, 600))
     assert set(est) == {(t, p) for t in (999, 600) for p in ("top left", "bottom right")}
     assert all(e.shape == (64, 64, 3) and e.min() >= 0 and e.max() <= 1 for e in est.values())
+
+
+def test_vae_round_trip_is_the_ceiling_and_keeps_the_styles(shapes_engine):
+    """The evaluator reading renders back after encode -> decode alone: colours and position survive, and
+    each style reads as itself (the card's table gives the 200-render figures)."""
+    from models.shapes.evaluate import format_report, vae_round_trip
+
+    rt = vae_round_trip(shapes_engine.model.vae, n=16)
+    assert set(rt) == {"plain", "outline", "stripes"}
+    assert rt["plain"]["background"] >= 0.9 and rt["plain"]["position"] >= 0.9, rt
+    assert rt["plain"]["outline"] <= 0.1 and rt["plain"]["stripes"] <= 0.1, rt
+    assert rt["outline"]["outline"] >= 0.7 and rt["stripes"]["stripes"] >= 0.9, rt
+    assert "VAE round trip, outline" in format_report({"n": 16, "vae_round_trip": rt})

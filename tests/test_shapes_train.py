@@ -111,3 +111,17 @@ def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(trained, tmp_pa
     assert all(torch.equal(tuned[k], after[k]) for k in dec)
     exported = load_file(next((export_pipeline(cfg) / "vae").glob("*.safetensors")))
     assert all(torch.equal(exported[k], after[k]) for k in dec)
+
+
+def test_edge_loss_penalises_a_blurred_outline_more_than_a_colour_offset():
+    """The decoder's gradient-difference term: zero for identical images, blind to a uniform colour offset
+    (L1/MSE already price that), and large for a thin outline blurred into its background."""
+    from models.shapes.data import Scene, render
+    from models.shapes.train import edge_loss
+
+    scene = Scene("triangle", "yellow", "orange", "small", 16, "center", 32.0, 32.0, "outline")
+    x = torch.from_numpy(render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert edge_loss(x, x).item() == 0.0
+    assert edge_loss(x + 0.2, x).item() < 1e-6
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    assert edge_loss(blurred, x).item() > 0.5 * torch.nn.functional.l1_loss(blurred, x).item() > 0

@@ -34,6 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("-n", type=int, default=200)
     e.add_argument("--steps", type=int)
     e.add_argument("--no-adapters", action="store_true")
+    e.add_argument("--vae-only", action="store_true",
+                   help="only read back renders after a VAE round trip (the ceiling for generated images)")
     e.add_argument("--json", help="also write the report here")
     e.set_defaults(func=run_eval)
 
@@ -72,11 +74,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from models.cli import DEFAULT_MODEL, default_lora_dir
     from models.engine import Engine
     from models.loading import load_pipeline
-    from models.shapes.evaluate import evaluate, format_report
+    from models.shapes.evaluate import evaluate, format_report, vae_round_trip
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     lora_dir = default_lora_dir(model_dir)
-    engine = Engine(load_pipeline(model_dir), lora_dir=str(lora_dir) if lora_dir else None)
+    model = load_pipeline(model_dir)
+    if args.vae_only:
+        report = {"n": args.n, "vae_round_trip": vae_round_trip(model.vae, args.n)}
+        print(format_report(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
+    engine = Engine(model, lora_dir=str(lora_dir) if lora_dir else None)
     report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
     print(format_report(report))
     if args.json:

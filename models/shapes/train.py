@@ -202,15 +202,24 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     vae.train()
 
     def step_fn(step: int) -> float:
-        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
+        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "outline", "outline", "stripes"))
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()  # what the UNet is trained to produce
         rec = vae.decode(z).sample
-        return descend(opt, F.l1_loss(rec, x) + F.mse_loss(rec, x))  # L1 keeps flat areas flat, edges sharp
+        # L1 keeps flat areas flat; the gradient term keeps 3 px outlines between close colours (yellow on
+        # orange) from blurring below the evaluator's colour threshold (measured: 11% of round trips lost them).
+        return descend(opt, F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x))
 
     loop("decoder", cfg.decoder_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start,
          minutes, cfg.checkpoint_minutes)
+
+
+def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical finite differences of two images (a gradient-difference loss)."""
+    dx = F.l1_loss(rec[..., :, 1:] - rec[..., :, :-1], x[..., :, 1:] - x[..., :, :-1])
+    dy = F.l1_loss(rec[..., 1:, :] - rec[..., :-1, :], x[..., 1:, :] - x[..., :-1, :])
+    return dx + dy
 
 
 # -- stage 2: text encoder + UNet --------------------------------------------------------------------
@@ -374,6 +383,7 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     unet.train()
 
     def step_fn(step: int) -> float:
+        set_lr(opt, cfg.lora_lr, step, 50, cfg.lora_steps)
         idx = torch.randint(0, len(scenes), (cfg.lora_batch,), generator=job.gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
         return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
