@@ -36,6 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-adapters", action="store_true")
     e.add_argument("--vae-only", action="store_true",
                    help="only read back renders after a VAE round trip (the ceiling for generated images)")
+    e.add_argument("--pictures", metavar="DIR",
+                   help="also write the model card's grid.png and adapters.png into DIR")
     e.add_argument("--json", help="also write the report here")
     e.set_defaults(func=run_eval)
 
@@ -86,6 +88,11 @@ def run_eval(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2))
         return 0
     engine = Engine(model, lora_dir=str(lora_dir) if lora_dir else None)
+    if args.pictures:
+        from models.shapes.card import make_pictures
+
+        for path in make_pictures(engine, Path(args.pictures)):
+            print(f"wrote {path}")
     report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
     print(format_report(report))
     if args.json:

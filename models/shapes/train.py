@@ -50,12 +50,12 @@ class TrainConfig:
     seed: int = 0
     vae_steps: int = 1500
     vae_batch: int = 16
-    decoder_steps: int = 2000
+    decoder_steps: int = 3500
     decoder_lr: float = 5e-4
     base_steps: int = 3000
     base_batch: int = 64
     base_images: int = 30000
-    lora_steps: int = 600
+    lora_steps: int = 800
     lora_batch: int = 32
     lr: float = 1e-3
     lora_lr: float = 1e-3
