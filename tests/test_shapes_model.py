@@ -125,3 +125,23 @@ def test_adapters_show_their_style_only_when_on(shapes_engine):
     eff = adapter_effect(shapes_engine, held_out_scenes(16), 10_000, None, 16)
     assert eff["stripes@1"] >= 0.5 and eff["stripes@0"] <= 0.15, eff
     assert eff["outline@1"] >= 0.12 and eff["outline@0"] <= 0.07, eff
+
+
+def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "eval", "shapes", *args], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    text = run("--vae-only", "-n", "6", "--json", str(tmp_path / "vae.json"))
+    assert "VAE round trip, stripes" in text
+    assert set(json.loads((tmp_path / "vae.json").read_text())["vae_round_trip"]) == {"plain", "outline", "stripes"}
+    text = run("-n", "2", "--no-adapters", "--pictures", str(tmp_path), "--json", str(tmp_path / "eval.json"))
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "adapters.png").is_file()
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n"] == 2 and 0 <= report["position"] <= 1 and "position:" in text
