@@ -300,7 +300,9 @@ def scenario_overload(c: Cluster, seconds: float, steps: tuple[int, int]) -> lis
     sampler.start()
     wait_s = c.env.get("DIFFUSERVE_MAX_QUEUE_WAIT_S")
     rows = [Row("overload", "capacity (closed loop)", f"{capacity:.2f} img/s"),
-            Row("overload", "queue bound", f"{c.max_queue} jobs" + (f" and {wait_s} s of work" if wait_s else ""))]
+            Row("overload", "queue bound", f"{c.max_queue} jobs" + (f" and {wait_s} s of work" if wait_s else "")),
+            Row("overload", "step budget", f"{c.env['DIFFUSERVE_MAX_STEP_MS']} ms" if "DIFFUSERVE_MAX_STEP_MS" in c.env
+                else "none (batches fill to 16)")]
     p99 = {}
     route = "/v1/images/generations"
     for mult in (1, 2, 5):
@@ -500,7 +502,8 @@ SCENARIOS = ("kills", "poison", "redis", "overload", "sigterm", "inject", "soak"
 
 def run(only: tuple[str, ...] = SCENARIOS, quick: bool = False, model: Path | None = None,
         lora_dir: Path | None = None, workdir: Path | None = None, kills: int | None = None,
-        soak_s: float | None = None, steps: tuple[int, int] = (4, 12), queue_wait_s: float | None = None) -> list[Row]:
+        soak_s: float | None = None, steps: tuple[int, int] = (4, 12), queue_wait_s: float | None = None,
+        max_step_ms: float | None = None) -> list[Row]:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="diffuserve-faults-"))
     if model is None:
         model, lora_dir = make_model(workdir, adapters=12)
@@ -512,6 +515,8 @@ def run(only: tuple[str, ...] = SCENARIOS, quick: bool = False, model: Path | No
         c = Cluster(workdir / name, model, lora_dir, max_queue=16 if name == "overload" else 256)
         if name == "overload" and queue_wait_s is not None:  # the bound in seconds of work as well
             c.env["DIFFUSERVE_MAX_QUEUE_WAIT_S"] = str(queue_wait_s)
+        if name == "overload" and max_step_ms is not None:  # the workers' latency-aware batch cap
+            c.env["DIFFUSERVE_MAX_STEP_MS"] = str(max_step_ms)
         with c:
             t0 = time.monotonic()
             if name == "kills":
@@ -551,13 +556,15 @@ def main() -> int:
     ap.add_argument("--soak-s", type=float)
     ap.add_argument("--queue-wait-s", type=float, help="overload: also bound the queue in seconds of work "
                     "(DIFFUSERVE_MAX_QUEUE_WAIT_S); default: the count bound (16) alone")
+    ap.add_argument("--max-step-ms", type=float, help="overload: workers cap their batch so a denoising step "
+                    "stays within this many ms (DIFFUSERVE_MAX_STEP_MS); default: batches fill to 16")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lo, hi = (int(x) for x in args.steps.split(","))
     rows = run(tuple(args.only.split(",")), args.quick, args.model, args.lora_dir, args.workdir, args.kills,
-               args.soak_s, (lo, hi), args.queue_wait_s)
+               args.soak_s, (lo, hi), args.queue_wait_s, args.max_step_ms)
     print("\n" + table(rows))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))

@@ -261,3 +261,21 @@ def test_per_sample_adapters_share_each_step(r, redis_server, engine, tiny_model
         assert status(r, job_id)["status"] == "succeeded"
         want = engine.generate([to_generation_request(req)])[0].images[0].astype(int)
         assert np.abs(image(r, job_id).astype(int) - want).max() <= 2
+
+
+def test_step_budget_caps_the_batch(r, worker):
+    """--max-step-ms: with a budget no step can meet, samples run one at a time (and all still finish);
+    without one, the same jobs share steps."""
+    ids = [enqueue(r, make_request(steps=4, seed=i)) for i in range(4)]
+    w = worker(max_step_ms=0.001)
+    sizes = []
+    while any(status(r, j)["status"] != "succeeded" for j in ids):
+        w.tick()
+        sizes.append(sum(len(j.samples) for j in w.active.values()))
+    assert max(sizes) == 1 and len(w.step_cost.samples) == 16  # 4 jobs x 4 steps, each alone
+    ids = [enqueue(r, make_request(steps=4, seed=i)) for i in range(4)]
+    w = worker()
+    w.tick()
+    assert len(w.active) == 4
+    w.run(burst=True)
+    assert all(status(r, j)["status"] == "succeeded" for j in ids)

@@ -27,6 +27,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "default); per_sample: applied per sample by hooks, mixed sets share UNet calls (exact mode)")
     p.add_argument("--max-batch", type=int, default=int(env("DIFFUSERVE_MAX_BATCH", "16")))
     p.add_argument("--batching", default=env("DIFFUSERVE_BATCHING", "continuous"), choices=["continuous", "request"])
+    p.add_argument("--max-step-ms", type=float, default=float(env("DIFFUSERVE_MAX_STEP_MS", "0")),
+                   help="latency budget per denoising step: admit samples only while the measured step time "
+                        "stays within it (0: off, batches fill to --max-batch for throughput)")
     p.add_argument("--claim-idle-ms", type=int, default=int(env("DIFFUSERVE_CLAIM_IDLE_MS", "15000")))
     p.add_argument("--max-deliveries", type=int, default=int(env("DIFFUSERVE_MAX_DELIVERIES", "3")))
     p.add_argument("--result-ttl-s", type=int, default=int(env("DIFFUSERVE_RESULT_TTL_S", "3600")))
@@ -99,6 +102,7 @@ def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: 
     model = engine.model  # type: ignore[attr-defined]
     settings = WorkerSettings(
         redis_url=args.redis_url, model_name=model.name, max_batch=args.max_batch, batching=args.batching,
+        max_step_ms=args.max_step_ms,
         result_ttl_s=args.result_ttl_s, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
         faults=args.enable_test_faults, prefix=args.prefix, name=worker_name(args), respawns=respawns,
     )

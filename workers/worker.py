@@ -31,6 +31,7 @@ import redis
 from models.errors import DiffuserveError
 from workers import metrics as m
 from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, announce_final, encode_event
+from workers.pacing import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class WorkerSettings:
     faults: bool = False  # test-only fault hooks (JobRequest.fault); never on in production
     prefix: str = "diffuserve"
     respawns: int = 0  # processes of this worker that died before this one (reported in the heartbeat)
+    max_step_ms: float = 0.0  # > 0: cap the batch so a denoising step stays within this (workers/pacing.py)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Worker:
         self._grace_end = 0.0
         self._last_upkeep = 0.0
         self._finished: deque[tuple[float, int]] = deque()  # (time, images): the measured throughput
+        self.step_cost = StepCost()  # step time by batch size: the latency-aware cap (max_step_ms)
         self._born = time.time()
         self._adapter_seen: dict[str, float] = {}
         self._model_info = ""
@@ -206,7 +209,10 @@ class Worker:
         used = sum(len(j.samples) for j in self.active.values())
         if self.s.batching == "request" and used:
             return 0
-        return self.s.max_batch - used
+        cap = self.s.max_batch
+        if self.s.max_step_ms > 0:
+            cap = self.step_cost.cap(self.s.max_step_ms / 1000, self.s.max_batch)
+        return max(0, cap - used)
 
     def admit(self, claimed: list[tuple[str, dict]] | None = None) -> bool:
         if self.deferred and not self.active:
@@ -308,7 +314,9 @@ class Worker:
         first = [self.active[s.tag] for s in batch if s.steps_done == 0 and s.tag in self.active]
         t0 = time.perf_counter()
         self.run_batch(batch)
-        m.STEP_SECONDS.labels(f"{key[1]}x{key[0]}", str(len(batch))).observe(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self.step_cost.observe(len(batch), took)
+        m.STEP_SECONDS.labels(f"{key[1]}x{key[0]}", str(len(batch))).observe(took)
         m.BATCH_SIZE.observe(len(batch))
         now = time.time()
         for job in {j.id: j for j in first}.values():
