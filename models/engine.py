@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from models.errors import InvalidRequest
+from models.images import to_uint8
 from models.loading import LoadedModel
 from models.lora import AdapterCache, AdapterSet, LoraApplier, LoraRegistry, normalize_set
 from models.samplers import Plan, Sampler, SamplerState, canonical_sampler, get_sampler
@@ -314,8 +315,7 @@ class Engine:
                     img = self._decode(z, return_dict=False)[0].float()
             else:
                 img = self._decode(z.to(vae.dtype), return_dict=False)[0].float()
-            arr = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            for k, a in zip(idx, arr, strict=True):
+            for k, a in zip(idx, to_uint8(img), strict=True):
                 out[k] = a
         return [out[k] for k in range(len(samples))]
 

@@ -15,6 +15,11 @@ from models.errors import InvalidRequest
 MAX_INPUT_PIXELS = 4096 * 4096
 
 
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """A decoder's NCHW output in [-1, 1] to NHWC uint8 arrays."""
+    return ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
 def to_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr, mode="RGB").save(buf, format="PNG")

@@ -21,7 +21,7 @@ import contextlib
 import json
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,10 +365,7 @@ class LoraApplier:
         rows is merged into the weights (a no-op while it stays the common one, as in steady state), and
         forward hooks add the difference for every other row: + s B (A x) for its adapters and - s B (A x)
         for the merged set's. A batch of one set runs at merged speed; only the minority pays for hooks."""
-        counts: dict[AdapterSet, int] = {}
-        for adapters in rows:
-            counts[adapters] = counts.get(adapters, 0) + 1
-        common = max(counts, key=counts.__getitem__)
+        common = Counter(rows).most_common(1)[0][0]
         self.activate(common, parts=("unet",))
         index_of: dict[AdapterSet, list[int]] = {}
         for i, adapters in enumerate(rows):

@@ -20,33 +20,34 @@ from collections import deque
 class StepCost:
     def __init__(self, window: int = 256) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._fit: tuple[float, float, float] | None = None  # (mean batch, mean seconds, slope); None: stale
 
     def observe(self, batch: int, seconds: float) -> None:
         if batch > 0 and seconds > 0:
             self.samples.append((batch, seconds))
+            self._fit = None  # refitted when next asked (once a step at most, and never while the cap is off)
+
+    def _line(self) -> tuple[float, float, float]:
+        if self._fit is None:
+            n = len(self.samples)
+            mb = sum(b for b, _ in self.samples) / n
+            mt = sum(t for _, t in self.samples) / n
+            var = sum((b - mb) ** 2 for b, _ in self.samples)
+            # one size seen so far: proportional (slope through the origin); noise never makes it negative
+            slope = mt / mb if var == 0 else max(sum((b - mb) * (t - mt) for b, t in self.samples) / var, 0.0)
+            self._fit = (mb, mt, slope)
+        return self._fit
 
     def predict(self, batch: int) -> float | None:
         """Expected seconds for one step of ``batch`` samples; None before any observation."""
         if not self.samples:
             return None
-        n = len(self.samples)
-        mb = sum(b for b, _ in self.samples) / n
-        mt = sum(t for _, t in self.samples) / n
-        var = sum((b - mb) ** 2 for b, _ in self.samples)
-        if var == 0:  # one size seen so far: proportional
-            return mt * batch / mb
-        slope = sum((b - mb) * (t - mt) for b, t in self.samples) / var
-        slope = max(slope, 0.0)
+        mb, mt, slope = self._line()
         return max(mt + slope * (batch - mb), 1e-6)
 
     def cap(self, budget_s: float, max_batch: int) -> int:
         """The largest batch (1..max_batch) whose predicted step time fits the budget: 1 until a step has
         been measured (the first step teaches the model), and at least 1 so that work always progresses."""
-        if self.predict(1) is None:
+        if not self.samples:
             return 1
-        best = 1
-        for b in range(1, max_batch + 1):
-            t = self.predict(b)
-            if t is not None and t <= budget_s:
-                best = b
-        return best
+        return max((b for b in range(1, max_batch + 1) if self.predict(b) <= budget_s), default=1)

@@ -83,17 +83,14 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_pipeline(model_dir)
     if args.vae_only:
         report = {"n": args.n, "vae_round_trip": vae_round_trip(model.vae, args.n)}
-        print(format_report(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return 0
-    engine = Engine(model, lora_dir=str(lora_dir) if lora_dir else None)
-    if args.pictures:
-        from models.shapes.card import make_pictures
+    else:
+        engine = Engine(model, lora_dir=str(lora_dir) if lora_dir else None)
+        if args.pictures:
+            from models.shapes.card import make_pictures
 
-        for path in make_pictures(engine, Path(args.pictures)):
-            print(f"wrote {path}")
-    report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
+            for path in make_pictures(engine, Path(args.pictures)):
+                print(f"wrote {path}")
+        report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -159,17 +159,17 @@ def vae_round_trip(vae: Any, n: int = 200, seed: int = 10_000) -> dict[str, dict
     diffusion: the ceiling of what generated images can score, and so where a shortfall comes from."""
     import torch
 
-    from models.shapes.data import render
+    from models.images import to_uint8
+    from models.shapes.train import render_tensor
 
     rng = random.Random(seed)
     out: dict[str, dict[str, float]] = {}
     for style in ("plain", "outline", "stripes"):
         scenes = [random_scene(rng, style) for _ in range(n)]
-        x = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = render_tensor(scenes).to(vae.device, vae.dtype)
         with torch.no_grad():
-            rec = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
-        images = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        readings = [analyze(img) for img in images]
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+        readings = [analyze(img) for img in to_uint8(rec)]
         row = {a: float(np.mean([getattr(r, a) == getattr(sc, a) for r, sc in zip(readings, scenes, strict=True)]))
                for a in ATTRIBUTES}
         row["outline"] = float(np.mean([r.outline for r in readings]))

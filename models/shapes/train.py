@@ -71,10 +71,14 @@ def sample_scenes(rng: random.Random, n: int, styles: tuple[str, ...]) -> list[A
     return [random_scene(rng, rng.choice(styles)) for _ in range(n)]
 
 
+def render_tensor(scenes: list[Any]) -> torch.Tensor:
+    """The scenes rendered as an NCHW batch in [-1, 1] (what the VAE takes)."""
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def render_batch(rng: random.Random, n: int, styles: tuple[str, ...]) -> tuple[torch.Tensor, list[Any]]:
     scenes = sample_scenes(rng, n, styles)
-    x = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, scenes
+    return render_tensor(scenes), scenes
 
 
 # -- checkpoints --------------------------------------------------------------------------------
