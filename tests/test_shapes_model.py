@@ -68,14 +68,14 @@ def test_stock_load_lora_weights_gives_the_same_image(shapes_engine, adapter):
 
 def test_prompts_change_the_picture(shapes_engine):
     """A CI-sized adherence check on 24 held-out prompts (the full table is in the model card: 200 prompts
-    gave background 100%, colour 96.5%, size 99%, shape 72.5%, position 72.5%). The floors sit well above
+    gave background 100%, colour 96.5%, size 99%, shape 83.5%, position 72.5%). The floors sit well above
     chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape, 1/9 position) and below the measured rates by
     about two standard errors at n = 24; raise them as the model improves."""
     from models.shapes.evaluate import evaluate
 
     report = evaluate(shapes_engine, n=24, adapters=False)
     assert report["background"] >= 0.9 and report["color"] >= 0.85, report
-    assert report["size"] >= 0.85 and report["shape"] >= 0.5 and report["position"] >= 0.5, report
+    assert report["size"] >= 0.85 and report["shape"] >= 0.65 and report["position"] >= 0.5, report
 
 
 def test_position_probe_centroid_and_estimates():
@@ -145,3 +145,4 @@ def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "adapters.png").is_file()
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n"] == 2 and 0 <= report["position"] <= 1 and "position:" in text
+    assert all("->" in k and v >= 1 for k, v in report["shape_misreads"].items()), report
