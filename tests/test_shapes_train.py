@@ -125,3 +125,25 @@ def test_edge_loss_penalises_a_blurred_outline_more_than_a_colour_offset():
     assert edge_loss(x + 0.2, x).item() < 1e-6
     blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     assert edge_loss(blurred, x).item() > 0.5 * torch.nn.functional.l1_loss(blurred, x).item() > 0
+
+
+def test_snr_cap_sets_the_loss_weight_per_timestep():
+    """min(SNR + 1, cap) / (SNR + 1): cap 5 weighs nearly clean steps down, inf weighs every step 1. A zero
+    model's v-loss at fixed t is E[v^2] (= 1 for unit-variance latents), so the loss is the mean weight."""
+    from models.shapes.train import Denoising
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    tok = lambda caps, **k: type("T", (), {"input_ids": torch.zeros(len(caps), 4, dtype=torch.long)})()  # noqa: E731
+    te = lambda ids: (torch.zeros(ids.shape[0], 4, 8),)  # noqa: E731
+    cfg = TrainConfig()
+    z0 = torch.randn(4096, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for cap in (5.0, float("inf")):
+        job = Denoising(tok, te, Zero(), cfg, seed=1, snr_cap=cap)
+        job.abar = torch.full_like(job.abar, 0.99)  # every t at SNR 99: weight 5 / 100 under cap 5
+        losses[cap] = job.loss(z0, [""] * len(z0)).item()
+    assert losses[float("inf")] == pytest.approx(1.0, rel=0.05)
+    assert losses[5.0] == pytest.approx(0.05, rel=0.05)

@@ -23,6 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
     p.add_argument("--lora-steps", type=int)
+    p.add_argument("--lora-snr-cap", type=float,
+                   help="adapter stages: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init-from", help="start the base stage from this exported pipeline when no checkpoint exists")
@@ -48,7 +50,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads)
     if args.out:
         cfg.out_dir = Path(args.out)
-    for name in ("vae_steps", "decoder_steps", "base_steps", "base_images", "lora_steps"):
+    for name in ("vae_steps", "decoder_steps", "base_steps", "base_images", "lora_steps", "lora_snr_cap"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:
