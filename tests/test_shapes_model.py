@@ -68,14 +68,14 @@ def test_stock_load_lora_weights_gives_the_same_image(shapes_engine, adapter):
 
 def test_prompts_change_the_picture(shapes_engine):
     """A CI-sized adherence check on 24 held-out prompts (the full table is in the model card: 200 prompts
-    gave background 100%, colour 96.5%, size 99%, shape 83.5%, position 72.5%). The floors sit well above
-    chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape, 1/9 position) and below the measured rates by
-    about two standard errors at n = 24; raise them as the model improves."""
+    gave background 100%, colour 99.5%, size 100%, shape 93.5%, position 100%; these 24: 100 / 100 / 100 /
+    91.7 / 100%). The floors sit far above chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape, 1/9
+    position) and below the measured rates by about two standard errors at n = 24."""
     from models.shapes.evaluate import evaluate
 
     report = evaluate(shapes_engine, n=24, adapters=False)
-    assert report["background"] >= 0.9 and report["color"] >= 0.85, report
-    assert report["size"] >= 0.85 and report["shape"] >= 0.65 and report["position"] >= 0.5, report
+    assert report["background"] >= 0.9 and report["color"] >= 0.9, report
+    assert report["size"] >= 0.9 and report["shape"] >= 0.8 and report["position"] >= 0.85, report
 
 
 def test_position_probe_centroid_and_estimates():
@@ -118,13 +118,14 @@ def test_card_pictures(shapes_engine, tmp_path):
 
 
 def test_adapters_show_their_style_only_when_on(shapes_engine):
-    """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 38% at scale 0 / 1,
-    stripes 4 / 95%): each adapter's style appears far more often at scale 1 than at 0."""
+    """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 47% at scale 0 / 1,
+    stripes 4 / 92%; these 16: outline 0 / 56%, stripes 0 / 81%): each adapter's style appears far more
+    often at scale 1 than at 0."""
     from models.shapes.evaluate import adapter_effect, held_out_scenes
 
     eff = adapter_effect(shapes_engine, held_out_scenes(16), 10_000, None, 16)
     assert eff["stripes@1"] >= 0.75 and eff["stripes@0"] <= 0.15, eff
-    assert eff["outline@1"] >= 0.12 and eff["outline@0"] <= 0.07, eff
+    assert eff["outline@1"] >= 0.25 and eff["outline@0"] <= 0.07, eff
 
 
 def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):

@@ -55,7 +55,7 @@ class TrainConfig:
     base_steps: int = 3000
     base_batch: int = 64
     base_images: int = 30000
-    lora_steps: int = 800
+    lora_steps: int = 2000
     lora_batch: int = 32
     lr: float = 1e-3
     lora_lr: float = 1e-3
