@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -38,12 +39,11 @@ def test_shape_reading_survives_smoothing(style):
 
     rng = random.Random(7)
     n = 300
-    confusion: dict[tuple[str, str | None], int] = {}
+    confusion: Counter[tuple[str, str | None]] = Counter()
     for _ in range(n):
         sc = random_scene(rng, style)
         img = np.asarray(Image.fromarray(render(sc)).filter(ImageFilter.GaussianBlur(1.5)))
-        got = analyze(img).shape
-        confusion[(sc.shape, got)] = confusion.get((sc.shape, got), 0) + 1
+        confusion[(sc.shape, analyze(img).shape)] += 1
     right = sum(v for (truth, got), v in confusion.items() if truth == got)
     assert right / n >= (0.98 if style == "plain" else 0.9), confusion
     circles_wrong = sum(v for (truth, got), v in confusion.items() if truth == "circle" and got != "circle")

@@ -59,9 +59,9 @@ class TrainConfig:
     lora_batch: int = 32
     lr: float = 1e-3
     lora_lr: float = 1e-3
-    snr_cap: float = 5.0  # loss weight min(SNR + 1, cap) / (SNR + 1) in the base stage
-    # ... and in the adapter stages. A style is fine detail (a 3 px outline is under one latent pixel), drawn
-    # at the nearly clean steps that cap 5 weighs by 5 / (SNR + 1); inf gives every step weight 1.
+    # Loss weight min(SNR + 1, cap) / (SNR + 1), per stage; inf weighs every timestep 1. (Tried for the outline
+    # adapter, whose 3 px lines are drawn at the nearly clean steps that cap 5 weighs down: it was worse.)
+    snr_cap: float = 5.0
     lora_snr_cap: float = 5.0
     ema: float = 0.999
     caption_dropout: float = 0.1
@@ -251,10 +251,10 @@ def latent_scale(means: torch.Tensor) -> float:
 
 
 class Denoising:
-    """The shared epsilon-objective step used by the base and the LoRA stages."""
+    """The denoising loss (v or epsilon target, capped-SNR weight) shared by the base and the LoRA stages."""
 
     def __init__(self, tokenizer: Any, text_encoder: Any, unet: Any, cfg: TrainConfig, seed: int,
-                 snr_cap: float = 5.0) -> None:
+                 snr_cap: float) -> None:
         self.tok, self.te, self.unet, self.cfg, self.snr_cap = tokenizer, text_encoder, unet, cfg, snr_cap
         sched = NoiseSchedule.from_config(arch.SCHEDULER_CONFIG)
         self.abar = torch.from_numpy(sched.alphas_cumprod).float()
