@@ -146,4 +146,5 @@ def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "adapters.png").is_file()
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n"] == 2 and 0 <= report["position"] <= 1 and "position:" in text
+    assert report["engine_mode"] == "exact" and "(engine mode exact)" in text
     assert all("->" in k and v >= 1 for k, v in report["shape_misreads"].items()), report

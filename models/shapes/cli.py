@@ -40,6 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="only read back renders after a VAE round trip (the ceiling for generated images)")
     e.add_argument("--pictures", metavar="DIR",
                    help="also write the model card's grid.png and adapters.png into DIR")
+    e.add_argument("--engine-mode", default="exact", choices=["exact", "fast"],
+                   help="measure the engine in this mode (fast: compiled; its warm-up is not in the image time)")
     e.add_argument("--json", help="also write the report here")
     e.set_defaults(func=run_eval)
 
@@ -86,13 +88,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.vae_only:
         report = {"n": args.n, "vae_round_trip": vae_round_trip(model.vae, args.n)}
     else:
-        engine = Engine(model, lora_dir=str(lora_dir) if lora_dir else None)
+        engine = Engine(model, mode=args.engine_mode, lora_dir=str(lora_dir) if lora_dir else None)
         if args.pictures:
             from models.shapes.card import make_pictures
 
             for path in make_pictures(engine, Path(args.pictures)):
                 print(f"wrote {path}")
         report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
+        report["engine_mode"] = args.engine_mode
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
