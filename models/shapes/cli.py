@@ -95,7 +95,6 @@ def run_eval(args: argparse.Namespace) -> int:
             for path in make_pictures(engine, Path(args.pictures)):
                 print(f"wrote {path}")
         report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
-        report["engine_mode"] = args.engine_mode
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

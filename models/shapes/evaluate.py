@@ -163,7 +163,7 @@ def evaluate(engine: Any, n: int = 200, seed: int = 10_000, steps: int | None = 
     for b in range(0, n, batch):
         for res in engine.generate(reqs[b : b + batch], max_batch=batch):
             readings.append(analyze(res.images[0]))
-    report: dict[str, Any] = {"n": n}
+    report: dict[str, Any] = {"n": n, "engine_mode": engine.mode}
     for attr in ATTRIBUTES:
         truth = [getattr(s, attr) for s in scenes]
         got = [getattr(r, attr) for r in readings]
