@@ -4,14 +4,17 @@
   native bf16 matrix instructions (AVX512-BF16 or AMX), where it pays; channels_last memory format.
 - CUDA: the model is already fp16/bf16 with SDPA or xformers attention; channels_last and torch.compile.
 
-Batch sizes vary from step to step under continuous batching, so the batch dimension is compiled as
-dynamic rather than recompiling for every size.
+Shapes are compiled static, not dynamic: on CPU inductor's static-shape kernels are much faster (bundled
+model, UNet at 32 rows: eager 204 ms, static 147 ms; dynamic compile gave the engine only 1.08x stock at
+batch 16). Batch sizes vary from step to step under continuous batching, so every call at the model's
+native size is padded or split into a few fixed batch sizes (``BUCKETS``), compiled once each (``warmup``);
+other sizes run the eager modules rather than stall a server for a compile.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 @cache
@@ -30,6 +35,70 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def chunks(rows: int, buckets: Sequence[int] = BUCKETS) -> list[tuple[int, int]]:
+    """Split ``rows`` into (real rows, bucket) pieces: each piece runs padded up to its bucket size.
+
+    Pads when that wastes at most a quarter of the bucket, else splits off the largest bucket that fits;
+    rows beyond the largest bucket go in pieces of that size."""
+    out: list[tuple[int, int]] = []
+    while rows > 0:
+        top = buckets[-1]
+        if rows >= top:
+            out.append((top, top))
+            rows -= top
+            continue
+        up = min(b for b in buckets if b >= rows)
+        down = max((b for b in buckets if b <= rows), default=0)
+        if not down or up - rows <= up // 4:
+            out.append((rows, up))
+            rows = 0
+        else:
+            out.append((down, down))
+            rows -= down
+    return out
+
+
+def run_bucketed(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor],
+                 buckets: Sequence[int] = BUCKETS) -> torch.Tensor:
+    """``fn(*tensors)`` over the batch dimension, in bucket-sized pieces (padded with copies of the last row,
+    which every row-independent model ignores); the padding rows' outputs are dropped."""
+    outs, i = [], 0
+    for size, bucket in chunks(tensors[0].shape[0], buckets):
+        part = [t[i : i + size] for t in tensors]
+        if bucket > size:
+            part = [torch.cat([p, p[-1:].expand(bucket - size, *p.shape[1:])]) for p in part]
+        outs.append(fn(*part)[:size])
+        i += size
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class Bucketed:
+    """A module call compiled for static shapes at one spatial size, on bucketed batch sizes."""
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], spatial: tuple[int, int],
+                 buckets: Sequence[int] = BUCKETS) -> None:
+        self.compiled, self.eager, self.spatial, self.buckets = compiled, eager, spatial, tuple(buckets)
+
+    def native(self, x: torch.Tensor) -> bool:
+        return tuple(x.shape[-2:]) == self.spatial
+
+
+class FastUNet(Bucketed):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 return_dict: bool = False) -> tuple[torch.Tensor]:
+        if not self.native(x):
+            return (self.eager(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0],)
+        return (run_bucketed(lambda a, b, c: self.compiled(a, b, encoder_hidden_states=c, return_dict=False)[0],
+                             [x, t.expand(x.shape[0]).contiguous(), encoder_hidden_states], self.buckets),)
+
+
+class FastDecode(Bucketed):
+    def __call__(self, z: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        if not self.native(z):
+            return (self.eager(z, return_dict=False)[0],)
+        return (run_bucketed(lambda a: self.compiled(a, return_dict=False)[0], [z], self.buckets),)
+
+
 def accelerate(model: Any) -> tuple[Callable[..., Any], Callable[..., Any], torch.dtype | None]:
     """Return (unet_forward, vae_decode, autocast_dtype) for the fast mode on the model's device."""
     autocast = None
@@ -37,11 +106,22 @@ def accelerate(model: Any) -> tuple[Callable[..., Any], Callable[..., Any], torc
         autocast = torch.bfloat16
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
+    w, h = model.native_size
+    f = model.vae_scale_factor
     try:
-        unet = torch.compile(model.unet, dynamic=True)
-        decode = torch.compile(model.vae.decode, dynamic=True)
+        # One graph per bucket (and per adapter-free/merged weights: merges are in place, no recompile).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(BUCKETS))
+        unet = torch.compile(model.unet, dynamic=False)
+        decode = torch.compile(model.vae.decode, dynamic=False)
     except Exception as e:  # no compiler toolchain: keep the eager modules, still channels_last
         log.warning("torch.compile unavailable (%s); fast mode runs eager", e)
         unet, decode = model.unet, model.vae.decode
-    log.info("fast mode on %s: compile, channels_last, autocast=%s", model.device, autocast)
-    return unet, decode, autocast
+    log.info("fast mode on %s: static compile in batch buckets %s at %dx%d, channels_last, autocast=%s",
+             model.device, BUCKETS, w, h, autocast)
+    return (FastUNet(unet, model.unet, (h // f, w // f)), FastDecode(decode, model.vae.decode, (h // f, w // f)),
+            autocast)
+
+
+def warm_buckets(max_rows: int, buckets: Sequence[int] = BUCKETS) -> list[int]:
+    """The buckets a batch of up to ``max_rows`` rows can use."""
+    return sorted({b for rows in range(1, max_rows + 1) for _, b in chunks(rows, buckets)})
