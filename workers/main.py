@@ -110,6 +110,10 @@ def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: 
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
+    if mode == "fast":  # compile every batch bucket now, before this worker takes jobs (see models/fast.py)
+        print(f"worker {settings.name}: compiling the fast mode's batch sizes...", flush=True)
+        took = engine.warmup(args.max_batch)  # type: ignore[attr-defined]
+        log.warning("worker %s: fast mode compiled in %.1f s", settings.name, took)
     worker = Worker(settings, engine)
     if previous_name:
         worker.take_over(previous_name)
