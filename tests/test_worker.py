@@ -83,6 +83,25 @@ def test_joining_a_running_batch_gives_the_same_image(r, worker, engine):
     assert np.abs(image(r, late_id).astype(int) - alone.astype(int)).max() <= 2
 
 
+def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, worker, engine):
+    reqs = [make_request(n=2, seed=50, prompt="a blue square"), make_request(seed=60),
+            make_request(n=3, seed=70, prompt="a green triangle", sampler="ddim")]
+    ids = [enqueue(r, q) for q in reqs]
+    calls = []
+    decode = engine.decode
+    engine.decode = lambda samples: calls.append(len(samples)) or decode(samples)
+    try:
+        worker().run(burst=True)
+    finally:
+        del engine.decode
+    assert calls == [6]  # the three jobs ran in one batch and ended on the same step: one decode
+    for job_id, q in zip(ids, reqs, strict=True):
+        want = engine.generate([to_generation_request(q)])[0].images
+        assert status(r, job_id)["images"] == str(q.n)
+        for i in range(q.n):  # batch composition may move a pixel by rounding, never more
+            assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
+
+
 def test_request_level_batching_waits_for_the_batch(r, worker):
     w = worker(batching="request")
     first = enqueue(r, make_request(steps=10))
