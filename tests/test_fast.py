@@ -41,17 +41,25 @@ def test_run_bucketed_is_the_whole_batch_call():
     assert shapes == [16, 8]  # 7 real rows padded to 8
 
 
-def test_fast_engine_matches_exact(tiny_model_dir):
-    """The compiled UNet and decoder at the native size (buckets 2 and 1), and eager at another size."""
+def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_model_dir):
+    """Warm-up compiles the buckets of a batch of one (UNet rows 1 and 2, decode 1); then generation at the
+    native size runs compiled with no new compile, at another size eager; both give exact mode's image."""
+    from torch._dynamo.utils import counters
+
     from models.engine import Engine, GenerationRequest
     from models.loading import load_pipeline
 
     exact = Engine(load_pipeline(tiny_model_dir), mode="exact")
     fast = Engine(load_pipeline(tiny_model_dir), mode="fast")
+    assert exact.warmup(1) == 0.0
+    graphs = counters["stats"]["unique_graphs"]
+    assert fast.warmup(1) > 0 and counters["stats"]["unique_graphs"] >= graphs + 3
+    graphs = counters["stats"]["unique_graphs"]
     w, h = fast.model.native_size
     for size in ((w, h), (w + 8, h)):
         req = GenerationRequest("a red circle", steps=3, guidance=5.0, seed=7, sampler="euler", width=size[0],
                                 height=size[1])
         a, b = exact.generate([req])[0].images[0], fast.generate([req])[0].images[0]
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled inside a request
         assert a.shape == b.shape == (size[1], size[0], 3)
         assert int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
