@@ -5,11 +5,13 @@
     python bench/load.py --url http://127.0.0.1:8000 --skip-baselines
 
 In one run it measures:
-  - closed loop: C concurrent clients, each sending its next request when the last one returns;
+  - closed loop: C concurrent clients, each sending its next request when the last one returns; the
+    saturated throughput counts the window in which every client has a request in the server;
   - Poisson arrivals at --rate requests/s (default: 70% of the measured saturated throughput),
     with steps mixed uniformly in [--min-steps, --max-steps], once with continuous batching and once
     with request-level batching (two servers, same model);
-  - baselines in this process: stock StableDiffusionPipeline one image at a time, and at batch = max batch.
+  - baselines in this process: stock StableDiffusionPipeline one image at a time, and at batch = max batch,
+    before and after the servers; and the idle server's single request paired with a stock image, in turns.
 It prints throughput, p50/p95/p99 latency and the ratios the issue asks for.
 """
 
@@ -47,18 +49,29 @@ async def one(client: httpx.AsyncClient, url: str, steps: int, seed: int) -> flo
     return time.perf_counter() - t0
 
 
-async def closed_loop(url: str, clients: int, requests: int, steps: int) -> tuple[float, list[float]]:
+async def closed_loop(url: str, clients: int, requests: int, steps: int) -> tuple[float, list[float], float]:
+    """(steady img/s, latencies, overall img/s). Steady: completions per second between the first completion
+    and the last request's submission, the window in which all ``clients`` have a request in the server (the
+    ramp-up of the first batch and the drain at the end, when fewer clients are left, are outside it)."""
     lat: list[float] = []
+    done: list[float] = []
+    issued: list[float] = []
     counter = iter(range(requests))
 
     async def client_loop(c: httpx.AsyncClient) -> None:
         for i in counter:
+            issued.append(time.perf_counter())
             lat.append(await one(c, url, steps, i))
+            done.append(time.perf_counter())
 
     async with httpx.AsyncClient(timeout=600) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(c) for _ in range(clients)))
-        return requests / (time.perf_counter() - t0), lat
+        overall = requests / (time.perf_counter() - t0)
+    start, end = min(done), max(issued)
+    inside = sum(1 for t in done if start < t <= end)
+    steady = inside / (end - start) if end > start and inside else overall
+    return steady, lat, overall
 
 
 async def poisson(url: str, rate: float, requests: int, min_steps: int, max_steps: int, seed: int) -> list[float]:
@@ -86,9 +99,11 @@ class Server:
              "--batching", batching, "--max-batch", str(max_batch), "--engine-mode", engine_mode,
              "--data-dir", tempfile.mkdtemp()],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(600):
+        t_end = time.monotonic() + 1800  # fast mode compiles every batch bucket before it is ready
+        while time.monotonic() < t_end:
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    self.ready_s = time.monotonic() - t_end + 1800
                     return
             except httpx.HTTPError:
                 pass
@@ -100,24 +115,46 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def stock_baselines(model: str, steps: int, batch: int, n: int) -> tuple[float, float, float]:
-    """(one-at-a-time img/s, batched img/s, single-image seconds) of stock StableDiffusionPipeline."""
-    import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+class Stock:
+    """Stock diffusers StableDiffusionPipeline on the same model, sampler and steps, in this process."""
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    pipe(PROMPTS[0], num_inference_steps=2, output_type="np")
-    times = []
-    for i in range(n):
+    def __init__(self, model: str, steps: int) -> None:
+        import torch
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        self.torch, self.steps = torch, steps
+        self.pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+        self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config,
+                                                                      algorithm_type="dpmsolver++")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe(PROMPTS[0], num_inference_steps=2, output_type="np")
+
+    def single(self, i: int) -> float:
         t0 = time.perf_counter()
-        pipe(PROMPTS[i % 4], num_inference_steps=steps, generator=torch.Generator().manual_seed(i), output_type="np")
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    pipe([PROMPTS[i % 4] for i in range(batch)], num_inference_steps=steps, output_type="np",
-         generator=[torch.Generator().manual_seed(i) for i in range(batch)])
-    return 1 / statistics.mean(times), batch / (time.perf_counter() - t0), statistics.median(times)
+        self.pipe(PROMPTS[i % 4], num_inference_steps=self.steps, generator=self.torch.Generator().manual_seed(i),
+                  output_type="np")
+        return time.perf_counter() - t0
+
+    def baselines(self, batch: int, n: int) -> tuple[float, float, float]:
+        """(one-at-a-time img/s, batched img/s: best of two after a warm-up call, single-image seconds)."""
+        times = [self.single(i) for i in range(n)]
+        batched = []
+        for rep in range(3):
+            t0 = time.perf_counter()
+            self.pipe([PROMPTS[i % 4] for i in range(batch)], num_inference_steps=self.steps if rep else 2,
+                      output_type="np", generator=[self.torch.Generator().manual_seed(i) for i in range(batch)])
+            batched.append(batch / (time.perf_counter() - t0))
+        return 1 / statistics.mean(times), max(batched[1:]), statistics.median(times)
+
+
+async def paired_idle(url: str, stock: Stock, steps: int, n: int) -> tuple[list[float], list[float]]:
+    """One request on the idle server, then one stock image here, n times: each pair sees the same box speed."""
+    server, local = [], []
+    async with httpx.AsyncClient(timeout=600) as c:
+        for i in range(n):
+            server.append(await one(c, url, steps, i))
+            local.append(stock.single(i))  # the server is idle meanwhile
+    return server, local
 
 
 def main() -> None:
@@ -125,7 +162,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "zoo" / "shapes"))
     ap.add_argument("--url", help="an already running server (skips starting one; no batching comparison)")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=96, help="closed-loop requests")
+    ap.add_argument("--requests", type=int, default=160, help="closed-loop requests")
     ap.add_argument("--poisson-requests", type=int, default=150)
     ap.add_argument("--engine-mode", default="exact", choices=["exact", "fast"])
     ap.add_argument("--skip-poisson", action="store_true")
@@ -140,14 +177,23 @@ def main() -> None:
     results: dict[str, float] = {}
     # This box's speed drifts by 10-30% over minutes (a shared host): the stock baselines run before and
     # after the servers, and the ratios use their mean (both passes are printed).
-    stock = [] if args.skip_baselines else [stock_baselines(args.model, args.steps, args.max_batch, 5)]
+    ref = None if args.skip_baselines else Stock(args.model, args.steps)
+    stock = [ref.baselines(args.max_batch, 5)] if ref else []
     server = None if args.url else Server(args.model, "continuous", args.max_batch, args.engine_mode)
     url = args.url or server.url
+    if server:
+        results["server start to ready s"] = server.ready_s
     try:
         asyncio.run(warmup(url, args.max_batch))
-        single = asyncio.run(closed_loop(url, 1, 5, args.steps))[1]
+        if ref:
+            single, local = asyncio.run(paired_idle(url, ref, args.steps, 9))
+            results["idle pairs: server / stock single, median"] = statistics.median(
+                a / b for a, b in zip(single, local, strict=True))
+        else:
+            single = asyncio.run(closed_loop(url, 1, 5, args.steps))[1]
         results["idle p50 s"] = statistics.median(single)
-        thr, lat = asyncio.run(closed_loop(url, args.clients, args.requests, args.steps))
+        thr, lat, results["closed-loop overall img/s"] = asyncio.run(
+            closed_loop(url, args.clients, args.requests, args.steps))
         results["saturated img/s"] = thr
         results["saturated p50 s"], results["saturated p99 s"] = pct(lat, 0.5), pct(lat, 0.99)
         rate = args.rate or 0.7 * thr * args.steps / ((args.min_steps + args.max_steps) / 2)
@@ -170,7 +216,7 @@ def main() -> None:
         finally:
             server.close()
     if stock:
-        stock.append(stock_baselines(args.model, args.steps, args.max_batch, 5))
+        stock.append(ref.baselines(args.max_batch, 5))
         for i, name in enumerate(("stock 1-at-a-time img/s", "stock batched img/s", "stock single s")):
             results[f"{name} (before, after)"] = stock[0][i], stock[1][i]  # type: ignore[assignment]
             results[name] = (stock[0][i] + stock[1][i]) / 2
@@ -179,7 +225,8 @@ def main() -> None:
     if "stock batched img/s" in results:
         print(f"engine mode: {args.engine_mode}; saturated / stock batched: {results['saturated img/s'] / results['stock batched img/s']:.2f}x")
         print(f"saturated / stock one-at-a-time: {results['saturated img/s'] / results['stock 1-at-a-time img/s']:.2f}x")
-        print(f"idle p50 / stock single:       {results['idle p50 s'] / results['stock single s']:.2f}x")
+        print(f"idle p50 / stock single:       {results['idle p50 s'] / results['stock single s']:.2f}x "
+              f"(paired, same moments: {results['idle pairs: server / stock single, median']:.2f}x)")
     if "request-level p95 s" in results:
         print(f"continuous p95 / request-level p95: {results['continuous p95 s'] / results['request-level p95 s']:.2f}x")
 
