@@ -319,8 +319,9 @@ class Engine:
         f, c = self.model.vae_scale_factor, self.model.latent_channels
         width = self.model.text_encoder.config.hidden_size
         for b in warm_buckets(2 * max_batch):
-            self._unet_call(torch.zeros(b, c, h // f, w // f, device=self.device), torch.full((b,), 500.0, device=self.device),
-                            torch.zeros(b, self.prompts.max_length, width, device=self.device))
+            x = torch.zeros(b, c, h // f, w // f, device=self.device)
+            t = torch.full((b,), 500.0, device=self.device)
+            self._unet_call(x, t, torch.zeros(b, self.prompts.max_length, width, device=self.device))
         for b in warm_buckets(max_batch):
             self._decode_call(torch.zeros(b, c, h // f, w // f, device=self.device))
         return time.perf_counter() - t0

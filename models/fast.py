@@ -108,9 +108,11 @@ def accelerate(model: Any) -> tuple[Callable[..., Any], Callable[..., Any], torc
     model.vae.to(memory_format=torch.channels_last)
     w, h = model.native_size
     f = model.vae_scale_factor
+    # One graph per bucket (adapter merges are in place: the same graphs serve every adapter set).
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(cfg, limit, max(getattr(cfg, limit), 4 * len(BUCKETS)))
     try:
-        # One graph per bucket (and per adapter-free/merged weights: merges are in place, no recompile).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(BUCKETS))
         unet = torch.compile(model.unet, dynamic=False)
         decode = torch.compile(model.vae.decode, dynamic=False)
     except Exception as e:  # no compiler toolchain: keep the eager modules, still channels_last

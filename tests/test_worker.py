@@ -102,6 +102,31 @@ def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, work
             assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
 
 
+def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, engine):
+    reqs = [make_request(n=2, seed=80), make_request(n=2, seed=90, prompt="a blue square")]
+    ids = [enqueue(r, q) for q in reqs]
+    calls = []
+    decode = engine.decode
+
+    def small_decodes_only(samples):
+        calls.append(len(samples))
+        if len(samples) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return decode(samples)
+
+    engine.decode = small_decodes_only
+    try:
+        worker().run(burst=True)
+    finally:
+        del engine.decode
+    assert calls == [4, 2, 2]
+    for job_id, q in zip(ids, reqs, strict=True):
+        assert status(r, job_id)["status"] == "succeeded"
+        want = engine.generate([to_generation_request(q)])[0].images
+        for i in range(2):
+            assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
+
+
 def test_request_level_batching_waits_for_the_batch(r, worker):
     w = worker(batching="request")
     first = enqueue(r, make_request(steps=10))

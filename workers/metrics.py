@@ -14,7 +14,8 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
 STEP_SECONDS = Histogram("diffuserve_denoise_step_seconds", "One UNet call + sampler updates",
                          ["resolution", "batch"], buckets=STEP_BUCKETS)
-DECODE_SECONDS = Histogram("diffuserve_vae_decode_seconds", "VAE decode of the samples finished in one tick (one batched call)", buckets=STEP_BUCKETS)
+DECODE_SECONDS = Histogram("diffuserve_vae_decode_seconds", "VAE decode of the samples finished in one tick",
+                           buckets=STEP_BUCKETS)
 QUEUE_WAIT = Histogram("diffuserve_queue_wait_seconds", "Enqueue to admission into a batch", buckets=LATENCY_BUCKETS)
 FIRST_STEP = Histogram("diffuserve_time_to_first_step_seconds", "Enqueue to the job's first denoising step",
                        buckets=LATENCY_BUCKETS)

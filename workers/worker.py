@@ -375,8 +375,14 @@ class Worker:
         if not done:
             return
         t0 = time.perf_counter()
-        decoded = iter(self.engine.decode([s for job in done for s in job.samples]))  # one VAE call per size
+        try:  # one VAE call for every job that ended this tick
+            images_all = self.engine.decode([s for job in done for s in job.samples])
+        except Exception as e:  # out of memory for the whole lot: one job at a time, as before
+            if len(done) == 1 or not is_oom(e):
+                raise
+            images_all = [img for job in done for img in self.engine.decode(job.samples)]
         m.DECODE_SECONDS.observe(time.perf_counter() - t0)
+        decoded = iter(images_all)
         for job in done:
             del self.active[job.id]
             images = [next(decoded) for _ in job.samples]
