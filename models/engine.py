@@ -312,17 +312,18 @@ class Engine:
         the seconds it took (0 in exact mode, which has nothing to compile)."""
         if self.mode != "fast":
             return 0.0
-        from models.fast import warm_buckets
+        from models.fast import buckets_for, warm_buckets
 
+        buckets = buckets_for(self.device)
         t0 = time.perf_counter()
         w, h = self.model.native_size
         f, c = self.model.vae_scale_factor, self.model.latent_channels
         width = self.model.text_encoder.config.hidden_size
-        for b in warm_buckets(2 * max_batch):
+        for b in warm_buckets(2 * max_batch, buckets):
             x = torch.zeros(b, c, h // f, w // f, device=self.device)
             t = torch.full((b,), 500.0, device=self.device)
             self._unet_call(x, t, torch.zeros(b, self.prompts.max_length, width, device=self.device))
-        for b in warm_buckets(max_batch):
+        for b in warm_buckets(max_batch, buckets):
             self._decode_call(torch.zeros(b, c, h // f, w // f, device=self.device))
         return time.perf_counter() - t0
 

@@ -4,11 +4,12 @@
   native bf16 matrix instructions (AVX512-BF16 or AMX), where it pays; channels_last memory format.
 - CUDA: the model is already fp16/bf16 with SDPA or xformers attention; channels_last and torch.compile.
 
-Shapes are compiled static, not dynamic: on CPU inductor's static-shape kernels are much faster (bundled
+On CPU shapes are compiled static, not dynamic: inductor's static-shape CPU kernels are much faster (bundled
 model, UNet at 32 rows: eager 204 ms, static 147 ms; dynamic compile gave the engine only 1.08x stock at
 batch 16). Batch sizes vary from step to step under continuous batching, so every call at the model's
-native size is padded or split into a few fixed batch sizes (``BUCKETS``), compiled once each (``warmup``);
-other sizes run the eager modules rather than stall a server for a compile.
+native size is padded or split into a few fixed batch sizes (``BUCKETS``), compiled once each (the engine's
+``warmup``); other sizes run the eager modules rather than stall a server for a compile. On CUDA the batch
+dimension stays dynamic (``buckets_for``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def run_bucketed(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor
                  buckets: Sequence[int] = BUCKETS) -> torch.Tensor:
     """``fn(*tensors)`` over the batch dimension, in bucket-sized pieces (padded with copies of the last row,
     which every row-independent model ignores); the padding rows' outputs are dropped."""
+    if not buckets:  # dynamic shapes: any batch size in one call
+        return fn(*tensors)
     outs, i = [], 0
     for size, bucket in chunks(tensors[0].shape[0], buckets):
         part = [t[i : i + size] for t in tensors]
@@ -108,22 +111,33 @@ def accelerate(model: Any) -> tuple[Callable[..., Any], Callable[..., Any], torc
     model.vae.to(memory_format=torch.channels_last)
     w, h = model.native_size
     f = model.vae_scale_factor
+    buckets = buckets_for(model.device)
     # One graph per bucket (adapter merges are in place: the same graphs serve every adapter set).
     cfg = torch._dynamo.config
     limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(cfg, limit, max(getattr(cfg, limit), 4 * len(BUCKETS)))
     try:
-        unet = torch.compile(model.unet, dynamic=False)
-        decode = torch.compile(model.vae.decode, dynamic=False)
+        unet = torch.compile(model.unet, dynamic=not buckets)
+        decode = torch.compile(model.vae.decode, dynamic=not buckets)
     except Exception as e:  # no compiler toolchain: keep the eager modules, still channels_last
         log.warning("torch.compile unavailable (%s); fast mode runs eager", e)
         unet, decode = model.unet, model.vae.decode
-    log.info("fast mode on %s: static compile in batch buckets %s at %dx%d, channels_last, autocast=%s",
-             model.device, BUCKETS, w, h, autocast)
-    return (FastUNet(unet, model.unet, (h // f, w // f)), FastDecode(decode, model.vae.decode, (h // f, w // f)),
+    log.info("fast mode on %s: compile (%s) at %dx%d, channels_last, autocast=%s", model.device,
+             f"static, batch buckets {buckets}" if buckets else "dynamic batch", w, h, autocast)
+    spatial = (h // f, w // f)
+    return (FastUNet(unet, model.unet, spatial, buckets), FastDecode(decode, model.vae.decode, spatial, buckets),
             autocast)
 
 
+def buckets_for(device: torch.device) -> tuple[int, ...]:
+    """Static buckets on CPU, where they were measured to pay; on CUDA (not measured here: no GPU) the batch
+    stays dynamic, as Triton's kernels handle it well and a full-size UNet's compile per bucket is long."""
+    return BUCKETS if device.type == "cpu" else ()
+
+
 def warm_buckets(max_rows: int, buckets: Sequence[int] = BUCKETS) -> list[int]:
-    """The buckets a batch of up to ``max_rows`` rows can use."""
+    """The batch sizes to compile for a batch of up to ``max_rows`` rows: every bucket it can use; with
+    dynamic shapes, 1 (which dynamo specialises), 2 and the largest."""
+    if not buckets:
+        return sorted({1, min(2, max_rows), max_rows})
     return sorted({b for rows in range(1, max_rows + 1) for _, b in chunks(rows, buckets)})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.fast import BUCKETS, chunks, run_bucketed, warm_buckets
+from models.fast import BUCKETS, buckets_for, chunks, run_bucketed, warm_buckets
 
 
 @pytest.mark.parametrize("rows", range(1, 70))
@@ -39,6 +39,14 @@ def test_run_bucketed_is_the_whole_batch_call():
     out = run_bucketed(fn, [x, t])
     assert torch.equal(out, x * 2 + t[:, None])
     assert shapes == [16, 8]  # 7 real rows padded to 8
+
+
+def test_dynamic_batch_on_cuda_is_one_call():
+    assert buckets_for(torch.device("cpu")) == BUCKETS and buckets_for(torch.device("cuda")) == ()
+    shapes = []
+    out = run_bucketed(lambda a: shapes.append(a.shape[0]) or a + 1, [torch.zeros(23, 2)], ())
+    assert shapes == [23] and torch.equal(out, torch.ones(23, 2))
+    assert warm_buckets(32, ()) == [1, 2, 32] and warm_buckets(1, ()) == [1]
 
 
 def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_model_dir):
