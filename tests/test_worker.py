@@ -83,17 +83,15 @@ def test_joining_a_running_batch_gives_the_same_image(r, worker, engine):
     assert np.abs(image(r, late_id).astype(int) - alone.astype(int)).max() <= 2
 
 
-def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, worker, engine):
+def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, worker, engine, monkeypatch):
     reqs = [make_request(n=2, seed=50, prompt="a blue square"), make_request(seed=60),
             make_request(n=3, seed=70, prompt="a green triangle", sampler="ddim")]
     ids = [enqueue(r, q) for q in reqs]
     calls = []
     decode = engine.decode
-    engine.decode = lambda samples: calls.append(len(samples)) or decode(samples)
-    try:
-        worker().run(burst=True)
-    finally:
-        del engine.decode
+    monkeypatch.setattr(engine, "decode", lambda samples: calls.append(len(samples)) or decode(samples))
+    worker().run(burst=True)
+    monkeypatch.undo()
     assert calls == [6]  # the three jobs ran in one batch and ended on the same step: one decode
     for job_id, q in zip(ids, reqs, strict=True):
         want = engine.generate([to_generation_request(q)])[0].images
@@ -102,7 +100,7 @@ def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, work
             assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
 
 
-def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, engine):
+def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, engine, monkeypatch):
     reqs = [make_request(n=2, seed=80), make_request(n=2, seed=90, prompt="a blue square")]
     ids = [enqueue(r, q) for q in reqs]
     calls = []
@@ -114,11 +112,9 @@ def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, 
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return decode(samples)
 
-    engine.decode = small_decodes_only
-    try:
-        worker().run(burst=True)
-    finally:
-        del engine.decode
+    monkeypatch.setattr(engine, "decode", small_decodes_only)
+    worker().run(burst=True)
+    monkeypatch.undo()
     assert calls == [4, 2, 2]
     for job_id, q in zip(ids, reqs, strict=True):
         assert status(r, job_id)["status"] == "succeeded"
