@@ -31,6 +31,7 @@ def make_pictures(engine: Any, out_dir: Path, seeds: tuple[int, ...] = (0, 1, 2,
     for p in PROMPTS:
         res = engine.generate([GenerationRequest(p, seed=s) for s in seeds])
         rows.append([r.images[0] for r in res])
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "grid.png"]
     grid(rows).save(paths[0])
     names = engine.registry.names()
