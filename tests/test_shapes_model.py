@@ -29,6 +29,17 @@ def test_size_and_defaults(shapes_engine):
     assert total <= 30 * 2**20
 
 
+def test_attention_heads_are_32_wide(shapes_engine):
+    """diffusers reads ``attention_head_dim`` as a head count: the bundled UNet must have heads of size 32, not
+    32 heads of size 2 and 4 (the first weights had those; their softmax was a third of the compiled UNet's
+    CPU time)."""
+    from diffusers.models.attention_processor import Attention
+
+    attns = [m for m in shapes_engine.model.unet.modules() if isinstance(m, Attention)]
+    assert len(attns) == 14
+    assert {a.inner_dim // a.heads for a in attns} == {32}
+
+
 def test_stock_diffusers_gives_the_same_image(shapes_engine):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -118,8 +129,8 @@ def test_card_pictures(shapes_engine, tmp_path):
 
 
 def test_adapters_show_their_style_only_when_on(shapes_engine):
-    """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 47% at scale 0 / 1,
-    stripes 4 / 92%; these 16: outline 0 / 56%, stripes 0 / 81%): each adapter's style appears far more
+    """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 49% at scale 0 / 1,
+    stripes 5 / 95%; these 16: outline 0 / 50%, stripes 0 / 100%): each adapter's style appears far more
     often at scale 1 than at 0."""
     from models.shapes.evaluate import adapter_effect, held_out_scenes
 
