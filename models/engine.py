@@ -312,9 +312,9 @@ class Engine:
         the seconds it took (0 in exact mode, which has nothing to compile)."""
         if self.mode != "fast":
             return 0.0
-        from models.fast import buckets_for, warm_buckets
+        from models.fast import warm_buckets
 
-        buckets = buckets_for(self.device)
+        buckets = self._unet.buckets  # as accelerate() chose them for this device
         t0 = time.perf_counter()
         w, h = self.model.native_size
         f, c = self.model.vae_scale_factor, self.model.latent_channels

@@ -83,6 +83,16 @@ def test_joining_a_running_batch_gives_the_same_image(r, worker, engine):
     assert np.abs(image(r, late_id).astype(int) - alone.astype(int)).max() <= 2
 
 
+def assert_images_as_alone(r, engine, ids, reqs):
+    """Each job stored its n images, each within 2 levels of the same request generated alone (batch
+    composition may move a pixel by rounding, never more)."""
+    for job_id, q in zip(ids, reqs, strict=True):
+        want = engine.generate([to_generation_request(q)])[0].images
+        assert status(r, job_id)["images"] == str(q.n)
+        for i in range(q.n):
+            assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
+
+
 def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, worker, engine, monkeypatch):
     reqs = [make_request(n=2, seed=50, prompt="a blue square"), make_request(seed=60),
             make_request(n=3, seed=70, prompt="a green triangle", sampler="ddim")]
@@ -93,11 +103,7 @@ def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, work
     worker().run(burst=True)
     monkeypatch.undo()
     assert calls == [6]  # the three jobs ran in one batch and ended on the same step: one decode
-    for job_id, q in zip(ids, reqs, strict=True):
-        want = engine.generate([to_generation_request(q)])[0].images
-        assert status(r, job_id)["images"] == str(q.n)
-        for i in range(q.n):  # batch composition may move a pixel by rounding, never more
-            assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
+    assert_images_as_alone(r, engine, ids, reqs)
 
 
 def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, engine, monkeypatch):
@@ -116,11 +122,8 @@ def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, 
     worker().run(burst=True)
     monkeypatch.undo()
     assert calls == [4, 2, 2]
-    for job_id, q in zip(ids, reqs, strict=True):
-        assert status(r, job_id)["status"] == "succeeded"
-        want = engine.generate([to_generation_request(q)])[0].images
-        for i in range(2):
-            assert np.abs(image(r, job_id, i).astype(int) - want[i].astype(int)).max() <= 2
+    assert all(status(r, job_id)["status"] == "succeeded" for job_id in ids)
+    assert_images_as_alone(r, engine, ids, reqs)
 
 
 def test_request_level_batching_waits_for_the_batch(r, worker):
