@@ -51,7 +51,8 @@ def test_dynamic_batch_on_cuda_is_one_call():
 
 def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_model_dir):
     """Warm-up compiles the buckets of a batch of one (UNet rows 1 and 2, decode 1); then generation at the
-    native size runs compiled with no new compile, at another size eager; both give exact mode's image."""
+    native size runs compiled with no new compile, at another size eager; both give exact mode's image
+    (to bf16's rounding where the CPU has native bf16)."""
     from torch._dynamo.utils import counters
 
     from models.engine import Engine, GenerationRequest
@@ -63,6 +64,14 @@ def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_mod
     graphs = counters["stats"]["unique_graphs"]
     assert fast.warmup(1) > 0 and counters["stats"]["unique_graphs"] >= graphs + 3
     graphs = counters["stats"]["unique_graphs"]
+    # On CPUs with native bf16 (AVX512-BF16 / AMX) fast mode autocasts to bf16, whose 8-bit mantissa moves
+    # a random model's pixels a few levels (measured on a Xeon with AMX: max 3-5, mean 0.5-0.7 of 255);
+    # without it, fast is fp32 and must match exact to 2/255.
+    from models.fast import cpu_has_native_bf16
+
+    bf16 = cpu_has_native_bf16()
+    assert fast.autocast == (torch.bfloat16 if bf16 else None)
+    most, mean = (8, 1.5) if bf16 else (2, 2.0)
     w, h = fast.model.native_size
     for size in ((w, h), (w + 8, h)):
         req = GenerationRequest("a red circle", steps=3, guidance=5.0, seed=7, sampler="euler", width=size[0],
@@ -70,4 +79,5 @@ def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_mod
         a, b = exact.generate([req])[0].images[0], fast.generate([req])[0].images[0]
         assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled inside a request
         assert a.shape == b.shape == (size[1], size[0], 3)
-        assert int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert int(diff.max()) <= most and diff.mean() <= mean, (size, int(diff.max()), diff.mean())
