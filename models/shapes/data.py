@@ -34,7 +34,7 @@ POSITIONS: dict[str, tuple[int, int]] = {  # name -> (column, row) on the 3x3 gr
     "left": (0, 1), "center": (1, 1), "right": (2, 1),
     "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
 }
-STYLES = ("plain", "outline", "stripes")
+STYLES = ("plain", "outline", "stripes")  # a scene may also combine them: "outline+stripes"
 OUTLINE_PX = 3
 STRIPE_PERIOD = 8
 
@@ -111,7 +111,8 @@ def render(scene: Scene) -> np.ndarray:
     bg = COLORS[scene.background]
     img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
-    if scene.style == "stripes":
+    styles = scene.style.split("+")
+    if "stripes" in styles:
         dark = stripe_shade(bg, scene.background)
         yy, xx = np.mgrid[0:big, 0:big]
         band = ((xx + yy) // (s * STRIPE_PERIOD // 2)) % 2 == 1  # diagonal bands, period 8 px
@@ -123,7 +124,7 @@ def render(scene: Scene) -> np.ndarray:
     half = scene.size_px * s / 2
     cx, cy = scene.cx * s, scene.cy * s
     box = (cx - half, cy - half, cx + half, cy + half)
-    outline = scene.style == "outline"
+    outline = "outline" in styles
     width = OUTLINE_PX * s
     if scene.shape == "circle":
         if outline:
