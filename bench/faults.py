@@ -266,8 +266,10 @@ async def open_loop(url: str, rate: float, seconds: float, steps: tuple[int, int
                 admitted.append(time.perf_counter() - t0)
                 if code == 202:
                     ids.append(resp.json()["id"])
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:  # no answer at all (counted as code 0): say what the client saw
             code = 0
+            if codes.get(0, 0) < 5:
+                print(f"open loop at {rate:.0f}/s: no answer: {type(e).__name__}: {e!r}", file=sys.stderr)
         codes[code] = codes.get(code, 0) + 1
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2000)) as client:
