@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.fast import BUCKETS, buckets_for, chunks, run_bucketed, warm_buckets
+from models.fast import BUCKETS, buckets_for, chunks, cpu_has_native_bf16, run_bucketed, warm_buckets
 
 
 @pytest.mark.parametrize("rows", range(1, 70))
@@ -67,8 +67,6 @@ def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_mod
     # On CPUs with native bf16 (AVX512-BF16 / AMX) fast mode autocasts to bf16, whose 8-bit mantissa moves
     # a random model's pixels a few levels (measured on a Xeon with AMX: max 3-5, mean 0.5-0.7 of 255);
     # without it, fast is fp32 and must match exact to 2/255.
-    from models.fast import cpu_has_native_bf16
-
     bf16 = cpu_has_native_bf16()
     assert fast.autocast == (torch.bfloat16 if bf16 else None)
     most, mean = (8, 1.5) if bf16 else (2, 2.0)
