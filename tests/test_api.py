@@ -205,6 +205,9 @@ def test_queue_full_429_with_retry_after(settings, registered, r):
     assert 'diffuserve_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
     assert resp.json()["error"]["type"] == "overloaded_error"
     assert r.zcard(KEYS.queued("tiny")) == 2
+    assert 'diffuserve_rejected_total{model="tiny"} 1.0' in text
+    assert 'diffuserve_queue_depth{model="tiny"} 2.0' in text  # read from Redis at scrape time
+    assert 'diffuserve_pending_jobs{model="tiny"} 0.0' in text  # no worker has claimed them
 
 
 def test_queue_bound_in_seconds_of_work_follows_measured_speed(settings, registered, r):

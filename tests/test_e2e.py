@@ -124,6 +124,10 @@ def test_one_scrape_includes_api_and_worker_metrics(served):
     images = [ln for ln in text.splitlines() if ln.startswith("diffuserve_images_generated_total{")]
     assert images and float(images[0].split()[-1]) >= 2  # the two jobs above, from the worker processes
     assert "diffuserve_reclaims_total" in text
+    # the synchronous generations above were timed by the API, end to end
+    e2e = [ln for ln in text.splitlines() if ln.startswith("diffuserve_end_to_end_seconds_count{")]
+    assert e2e and float(e2e[0].split()[-1]) >= 2
+    assert "diffuserve_time_to_first_step_seconds_count" in text and "diffuserve_batch_size_bucket" in text
 
 
 def test_ctrl_c_stops_everything(served):

@@ -322,3 +322,68 @@ def test_step_budget_caps_the_batch(r, worker):
     assert len(w.active) == 4
     w.run(burst=True)
     assert all(status(r, j)["status"] == "succeeded" for j in ids)
+
+
+def test_worker_records_every_metric(r, redis_server, tiny_model_dir, lora_dir):
+    """Each worker metric moves when its event happens: timings, batch sizes, images, final statuses,
+    adapter cache misses/loads/hits with load time, reclaims, poison, running samples, memory."""
+    from prometheus_client import REGISTRY
+
+    from models.engine import Engine
+    from models.loading import load_pipeline
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = ["diffuserve_queue_wait_seconds_count", "diffuserve_time_to_first_step_seconds_count",
+             "diffuserve_inference_seconds_count", "diffuserve_batch_size_count",
+             "diffuserve_vae_decode_seconds_count", "diffuserve_adapter_load_seconds_total"]
+    before = {n: value(n) for n in names}
+    step_before = value("diffuserve_denoise_step_seconds_count", resolution="32x32", batch="2")
+    counted = {"images": ("diffuserve_images_generated_total", {"model": "tiny"}),
+               "ok": ("diffuserve_jobs_total", {"model": "tiny", "status": "succeeded"}),
+               "failed": ("diffuserve_jobs_total", {"model": "tiny", "status": "failed"}),
+               "poison": ("diffuserve_poison_jobs_total", {"model": "tiny"}),
+               "reclaims": ("diffuserve_reclaims_total", {"model": "tiny"}),
+               **{e: ("diffuserve_adapter_cache_events_total", {"event": e}) for e in ("misses", "loads", "hits")}}
+    c0 = {k: value(n, **lab) for k, (n, lab) in counted.items()}
+
+    fresh = Engine(load_pipeline(tiny_model_dir), mode="exact", lora_dir=str(lora_dir))  # an empty adapter cache
+    w = Worker(WorkerSettings(redis_url=redis_server.url, model_name="tiny", name="metered", block_ms=10,
+                              claim_idle_ms=100, heartbeat_s=0.0, max_deliveries=3), fresh, r)
+    lora = [{"name": "style_b", "scale": 1.0}]
+    ids = [enqueue(r, make_request(seed=1, n=2, steps=4, loras=lora)), enqueue(r, make_request(seed=2, steps=4))]
+    w.tick()
+    w.tick()
+    assert value("diffuserve_running_samples", worker="metered") == 3  # exported with each heartbeat
+    w.run(burst=True)
+    assert all(status(r, j)["status"] == "succeeded" for j in ids)
+    later = enqueue(r, make_request(seed=3, steps=2, loras=lora))  # the adapter is cached by now
+    poison = enqueue(r, make_request(seed=4))
+    r.hset(KEYS.job(poison), mapping={"attempts": 3, "solo": 1})
+    w.run(burst=True)
+    orphan = enqueue(r, make_request(seed=5, steps=2))  # taken by a worker that died before acknowledging
+    r.xreadgroup(GROUP, "dead-worker", {KEYS.jobs("tiny"): ">"}, count=1)
+    r.hincrby(KEYS.job(orphan), "attempts", 1)
+    time.sleep(0.2)
+    w.run(burst=True)
+    w.export_gauges()
+    assert status(r, later)["status"] == "succeeded" and status(r, orphan)["status"] == "succeeded"
+
+    c1 = {k: value(n, **lab) for k, (n, lab) in counted.items()}
+    delta = {k: c1[k] - c0[k] for k in counted}
+    assert delta == {"images": 5, "ok": 4, "failed": 1, "poison": 1, "reclaims": 1, "misses": 1, "loads": 1,
+                     "hits": delta["hits"]} and delta["hits"] >= 1, delta
+    after = {n: value(n) for n in names}
+    assert after["diffuserve_queue_wait_seconds_count"] - before["diffuserve_queue_wait_seconds_count"] == 4
+    assert after["diffuserve_time_to_first_step_seconds_count"] - before[
+        "diffuserve_time_to_first_step_seconds_count"] == 4
+    assert after["diffuserve_inference_seconds_count"] - before["diffuserve_inference_seconds_count"] == 4
+    assert after["diffuserve_batch_size_count"] - before["diffuserve_batch_size_count"] >= 4 + 2 + 2
+    assert after["diffuserve_vae_decode_seconds_count"] > before["diffuserve_vae_decode_seconds_count"]
+    assert after["diffuserve_adapter_load_seconds_total"] > before["diffuserve_adapter_load_seconds_total"]
+    # the first two jobs ran side by side: the adapter job and the plain one are separate groups, so a
+    # 32x32 step of batch 2 is the two-image adapter job
+    assert value("diffuserve_denoise_step_seconds_count", resolution="32x32", batch="2") - step_before >= 4
+    assert value("diffuserve_running_samples", worker="metered") == 0
+    assert value("diffuserve_device_memory_bytes", worker="metered") > 10_000_000  # the process's RSS on CPU
