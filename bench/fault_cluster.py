@@ -201,8 +201,8 @@ class Cluster:
     def live_workers(self) -> list[dict[str, str]]:
         r = self.client()
         out = []
-        for key in r.scan_iter(match=Keys().workers_pattern()):
-            h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+        for name in r.zrange(Keys().workers(), 0, -1):
+            h = {k.decode(): v.decode() for k, v in r.hgetall(Keys().worker(name.decode())).items()}
             if (h and time.time() - float(h.get("heartbeat", 0)) < 5 and h.get("stopping") != "1"
                     and alive(int(h["pid"]))):
                 out.append(h)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import DiffuserveError, NotFound
 from server import metrics
+from server.cache import Refreshed
 from server.middleware import LimitsAndMetrics
 from server.schemas import ImageRequest, JobCreate, to_job
 from server.settings import Settings
@@ -250,31 +251,39 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes)
 
     # -- helpers ---------------------------------------------------------------------------------------
-    models_seen: dict[str, tuple[float, ModelInfo | None]] = {}  # name -> (read at, info): 1 s cache
-    rates_seen: dict[str, tuple[float, float]] = {}  # model -> (read at, images/s of its live workers)
+    async def read_model_info(r: aioredis.Redis, name: str) -> ModelInfo | None:
+        raw = await r.hget(keys.models(), name)
+        return ModelInfo.model_validate_json(raw) if raw else None
+
+    async def read_throughput(r: aioredis.Redis, model: str) -> float:
+        """Images/s of the model's live workers (the queue bound in seconds, Retry-After)."""
+        return sum(float(w.get("images_per_s", 0) or 0) for w in await live_workers(r) if w.get("model") == model)
+
+    # a flood of made-up model names cannot grow the cache: unknown names only while there is room
+    models_seen = Refreshed(1.0, read_model_info, keep=lambda info: info is not None)
+    rates_seen = Refreshed(2.0, read_throughput)
+    app.state.caches = (models_seen, rates_seen)
 
     async def model_info(r: aioredis.Redis, name: str) -> ModelInfo | None:
-        at, info = models_seen.get(name, (0.0, None))
-        if time.monotonic() - at > 1.0:
-            raw = await r.hget(keys.models(), name)
-            info = ModelInfo.model_validate_json(raw) if raw else None
-            if info or len(models_seen) < 64:  # a flood of made-up names cannot grow the cache
-                models_seen[name] = (time.monotonic(), info)
-        return info
+        return await models_seen.get(r, name)
 
     async def throughput(r: aioredis.Redis, model: str) -> float:
-        at, rate = rates_seen.get(model, (0.0, 0.0))
-        if time.monotonic() - at > 2.0:
-            workers = [w for w in await live_workers(r) if w.get("model") == model]
-            rate = sum(float(w.get("images_per_s", 0) or 0) for w in workers)
-            rates_seen[model] = (time.monotonic(), rate)
-        return rate
+        return await rates_seen.get(r, model)
 
     async def live_workers(r: aioredis.Redis) -> list[dict[str, str]]:
+        """Workers with a fresh heartbeat: one range read of the index, then their hashes in one round trip."""
+        now = time.time()
+        names = await r.zrangebyscore(keys.workers(), now - settings.worker_stale_s, "+inf")
+        if not names:
+            return []
+        async with r.pipeline(transaction=False) as p:
+            for name in names:
+                p.hgetall(keys.worker(name.decode()))
+            rows = await p.execute()
         out = []
-        async for key in r.scan_iter(match=keys.workers_pattern(), count=100):
-            h = {k.decode(): v.decode() for k, v in (await r.hgetall(key)).items()}
-            if h and time.time() - float(h.get("heartbeat", 0)) < settings.worker_stale_s:
+        for row in rows:
+            h = {k.decode(): v.decode() for k, v in row.items()}
+            if h and now - float(h.get("heartbeat", 0)) < settings.worker_stale_s:
                 out.append(h)
         return out
 

@@ -213,6 +213,7 @@ def test_queue_full_429_with_retry_after(settings, registered, r):
 def test_queue_bound_in_seconds_of_work_follows_measured_speed(settings, registered, r):
     # A live worker of 'tiny' that has measured 2 images/s: with a 1.5 s wait bound the queue holds 3 jobs.
     r.hset(KEYS.worker("fast-one"), mapping={"model": "tiny", "heartbeat": time.time(), "images_per_s": "2.0"})
+    r.zadd(KEYS.workers(), {"fast-one": time.time()})
     try:
         with client(settings, max_queue=100, max_queue_wait_s=1.5) as c:
             codes = [c.post("/v1/jobs", json={"prompt": "x"}).status_code for _ in range(3)]
@@ -227,6 +228,7 @@ def test_queue_bound_in_seconds_of_work_follows_measured_speed(settings, registe
             assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 429
     finally:
         r.delete(KEYS.worker("fast-one"))
+        r.zrem(KEYS.workers(), "fast-one")
 
 
 def test_timeout_504_returns_job_id(settings, registered):
@@ -364,3 +366,63 @@ def test_waiters_wake_on_the_finished_stream_and_recover_missed_notifications(re
     assert out["notified"] == "failed" and out["notified_s"] < 0.5
     assert out["missed"] == "canceled" and out["vanished"] == "lost"
     assert out["timeout"] is None
+
+
+def test_refusals_read_the_worker_index_never_scan_the_keyspace(settings, registered, r):
+    """Admission and Retry-After read the workers' speed from the ``workers`` index: no SCAN, however many
+    keys Redis holds. (The API once scanned every key for ``worker:*`` whenever its 2 s cache was stale,
+    once per request in flight; with 12k job keys under 160 requests/s that held 429s for seconds.)"""
+    now = time.time()
+    r.hset(KEYS.worker("fast-one"), mapping={"name": "fast-one", "model": "tiny", "heartbeat": now,
+                                             "images_per_s": "2.0"})
+    r.zadd(KEYS.workers(), {"fast-one": now, "ghost": now, "long-gone": now - 3000})  # ghost: its hash expired
+    r.hset(KEYS.worker("long-gone"), mapping={"name": "long-gone", "model": "tiny", "heartbeat": now - 3000})
+    with r.pipeline(transaction=False) as p:
+        for i in range(3000):
+            p.set(f"diffuserve:job:filler{i}:img:0", b"x", ex=120)
+        p.execute()
+    r.config_resetstat()
+    try:
+        with client(settings, max_queue=0) as c:
+            resps = [c.post("/v1/jobs", json={"prompt": "x"}) for _ in range(30)]
+            listed = [w["name"] for w in c.get("/v1/workers").json()["data"]]
+        stats = r.info("commandstats")
+        assert {x.status_code for x in resps} == {429}
+        assert {x.headers["retry-after"] for x in resps} == {"1"}  # ceil(0 queued / 2 per s), at least 1
+        assert listed == ["fast-one"]  # the ghost and the stale entry are not live workers
+        assert "cmdstat_scan" not in stats
+        assert stats["cmdstat_zrangebyscore"]["calls"] <= 3  # the 2 s speed cache (one read) and /v1/workers
+    finally:
+        r.delete(KEYS.worker("fast-one"), KEYS.worker("long-gone"))
+        r.zrem(KEYS.workers(), "fast-one", "ghost", "long-gone")
+
+
+def test_stale_cached_values_share_one_read():
+    import asyncio
+
+    from server.cache import Refreshed
+
+    calls: list[str] = []
+
+    async def fetch(r, key):
+        calls.append(key)
+        await asyncio.sleep(0.05)
+        if key == "broken":
+            raise ConnectionError("redis down")
+        return None if key.startswith("made-up") else len(calls)
+
+    async def main():
+        c = Refreshed(0.3, fetch, max_keys=3, keep=lambda v: v is not None)
+        got = await asyncio.gather(*(c.get(None, "m") for _ in range(50)))
+        assert got == [1] * 50 and calls == ["m"]  # fifty readers of a stale key, one read
+        assert await c.get(None, "m") == 1 and c.reads == 1  # fresh: from the cache
+        await asyncio.sleep(0.35)
+        assert await c.get(None, "m") == 2  # stale again: read again
+        results = await asyncio.gather(*(c.get(None, "broken") for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(x, ConnectionError) for x in results) and calls.count("broken") == 1
+        assert not c.inflight  # a failed read is not left behind: the next reader tries again
+        for i in range(5):  # unknown names are read but take no slot beyond max_keys
+            assert await c.get(None, f"made-up{i}") is None
+        assert len(c.values) == 3
+
+    asyncio.run(main())

@@ -53,8 +53,8 @@ def worker_proc(redis_server, tiny_model_dir, tmp_path):
     r = redis_server.client()
 
     def heartbeat() -> dict[str, str] | None:
-        for key in r.scan_iter(match=keys.workers_pattern()):
-            h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+        for name in r.zrange(keys.workers(), 0, -1):
+            h = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker(name.decode())).items()}
             if h.get("pid"):
                 return h
         return None
@@ -96,6 +96,7 @@ def test_killed_child_is_replaced_at_once_and_its_job_handed_over(worker_proc):
     beat = wait_for(lambda: (h := proc.heartbeat()) and h["pid"] != str(child) and h, 10, "the new heartbeat")
     assert beat["respawns"] == "1" and alive(proc.pid) and not alive(child)
     assert proc.r.exists(proc.keys.worker(first["name"])) == 0  # the dead one left the live set at once
+    assert proc.r.zscore(proc.keys.workers(), first["name"]) is None
     proc.send_signal(signal.SIGTERM)  # the parent forwards it; both exit cleanly
     assert proc.wait(timeout=30) == 0
     assert not alive(int(beat["pid"]))

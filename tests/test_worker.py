@@ -268,9 +268,10 @@ def test_heartbeat_and_shutdown_hand_back(r, worker):
     w.tick()  # the heartbeat is written at the start of a tick
     hb = {k.decode(): v.decode() for k, v in r.hgetall(KEYS.worker(w.s.name)).items()}
     assert hb["model"] == "tiny" and hb["device"] == "cpu" and int(hb["batch"]) == 1
+    assert abs(r.zscore(KEYS.workers(), w.s.name) - float(hb["heartbeat"])) < 1  # indexed for the API
     w.stop()
     w.shutdown()
-    assert r.exists(KEYS.worker(w.s.name)) == 0
+    assert r.exists(KEYS.worker(w.s.name)) == 0 and r.zscore(KEYS.workers(), w.s.name) is None
     assert status(r, job)["status"] == "queued"
     w2 = worker(heartbeat_s=0.0, claim_idle_ms=10_000)
     w2.s.name = "second"

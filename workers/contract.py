@@ -13,6 +13,7 @@ Redis layout (``prefix`` defaults to ``diffuserve``):
 | {p}:job:{id}:events          | stream, TTL once final    | progress and final state, replayable            |
 | {p}:job:{id}:img:{i}         | string, TTL               | PNG bytes                                       |
 | {p}:worker:{name}            | hash, short TTL           | heartbeat                                       |
+| {p}:workers                  | sorted set                | worker names by last heartbeat (the index)      |
 | {p}:finished                 | stream, capped            | "job X reached a final state" for waiters       |
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: workers are found through the {p}:workers index, not by scanning the keyspace
 GROUP = "workers"
 
 
@@ -107,8 +108,11 @@ class Keys:
         however many jobs they wait on. A notification only (capped); the job hash is the truth."""
         return f"{self.p}:finished"
 
-    def workers_pattern(self) -> str:
-        return f"{self.p}:worker:*"
+    def workers(self) -> str:
+        """Sorted set: worker name -> time of its last heartbeat. The API finds live workers here with one
+        range read; scanning the keyspace for ``worker:*`` costs a round trip per 100 keys of *all* keys (job
+        records, images), which under load stalled every request that needed a fresh count."""
+        return f"{self.p}:workers"
 
     def models(self) -> str:
         """Hash: model name -> ModelInfo JSON, written by every worker that serves it (no TTL)."""

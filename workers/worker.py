@@ -450,7 +450,7 @@ class Worker:
         n = int(self.r.eval(TAKE_OVER_SCRIPT, 1, self.stream, GROUP, consumer, self.s.claim_idle_ms + 1))
         if consumer != self.s.name:
             self.r.xgroup_delconsumer(self.stream, GROUP, consumer)  # it holds nothing now
-            self.r.delete(self.keys.worker(consumer))  # and leaves /v1/workers now, not at its heartbeat's TTL
+            self.forget_worker(consumer)  # and leaves /v1/workers now, not at its heartbeat's TTL
         if n:
             log.warning("took over %d job(s) of dead process %s", n, consumer)
         return n
@@ -507,6 +507,9 @@ class Worker:
                 "max_batch": self.s.max_batch, "respawns": self.s.respawns,
             })
             p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
+            now = time.time()
+            p.zadd(self.keys.workers(), {self.s.name: now})
+            p.zremrangebyscore(self.keys.workers(), "-inf", now - 3600)  # long-dead names (SIGKILLed workers)
             p.execute()
 
     def shutdown(self) -> None:
@@ -523,7 +526,14 @@ class Worker:
             self.r.xclaim(self.stream, GROUP, "handoff", 0, ids, justid=True, idle=self.s.claim_idle_ms + 1)
         self.active.clear()
         self.deferred.clear()
-        self.r.delete(self.keys.worker(self.s.name))
+        self.forget_worker(self.s.name)
+
+    def forget_worker(self, name: str) -> None:
+        """Remove a worker from the live set: its heartbeat hash and its entry in the index."""
+        with self.r.pipeline(transaction=True) as p:
+            p.delete(self.keys.worker(name))
+            p.zrem(self.keys.workers(), name)
+            p.execute()
 
 
 def device_memory(device: Any) -> int:
