@@ -15,6 +15,18 @@ def test_cold_start_admits_one_then_learns_proportionally():
     assert c.cap(0.1, 16) == 5 and c.cap(1.0, 16) == 16 and c.cap(0.001, 16) == 1
 
 
+def test_one_size_seen_probes_the_next_size_and_learns_the_fixed_cost():
+    """20 ms for one sample: proportionally two would take 40 ms, over a 30 ms budget. The real cost is
+    16 ms fixed + 4 ms a sample, so up to 3 fit; the cap probes 2, sees 24 ms, and the line finds 3."""
+    c = StepCost()
+    c.observe(1, 0.020)
+    assert c.predict(2) == pytest.approx(0.040) and c.cap(0.030, 16) == 2  # probe one size up
+    assert c.cap(0.015, 16) == 1  # the seen size itself is over budget: no probe
+    assert c.cap(0.030, 1) == 1  # never past max_batch
+    c.observe(2, 0.024)
+    assert c.cap(0.030, 16) == 3 and c.cap(0.0241, 16) == 2
+
+
 def test_line_fit_with_a_fixed_overhead():
     c = StepCost()
     for b in (1, 2, 4, 8, 8, 4):

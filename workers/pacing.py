@@ -7,7 +7,8 @@ stays within it; the excess waits in the queue, where the API's bound turns it i
 default: the default favours throughput (full batches).
 
 The model is a least-squares line ``t(b) = a + c * b`` over the recent (batch size, step seconds) pairs;
-until two sizes have been seen it assumes a step's time is proportional to its batch. It counts samples,
+until two sizes have been seen it assumes a step's time is proportional to its batch, and probes one size
+up so that a second size is seen. It counts samples,
 not pixels: meant for a worker serving one resolution (mixed sizes make it approximate, and the cap, which
 counts every running sample while a step runs one resolution group, conservative).
 """
@@ -47,7 +48,19 @@ class StepCost:
 
     def cap(self, budget_s: float, max_batch: int) -> int:
         """The largest batch (1..max_batch) whose predicted step time fits the budget: 1 until a step has
-        been measured (the first step teaches the model), and at least 1 so that work always progresses."""
+        been measured (the first step teaches the model), and at least 1 so that work always progresses.
+
+        While a single batch size has been seen, the proportional guess ignores a step's fixed cost and so
+        overstates every larger batch; trusted alone, it can keep the cap at that size for good (a 20 ms step
+        of one sample predicts 40 ms for two, over a 30 ms budget, so two never run and the guess is never
+        corrected). So one size larger is allowed whenever the seen size fits: its measured step then gives
+        the line a second point."""
         if not self.samples:
             return 1
-        return max((b for b in range(1, max_batch + 1) if self.predict(b) <= budget_s), default=1)
+        best = max((b for b in range(1, max_batch + 1) if self.predict(b) <= budget_s), default=1)
+        sizes = {b for b, _ in self.samples}
+        if len(sizes) == 1:
+            (seen,) = sizes
+            if self.predict(seen) <= budget_s:
+                best = max(best, min(seen + 1, max_batch))
+        return best
