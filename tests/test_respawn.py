@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 
+import httpx
 import pytest
 
 from workers.contract import JobRequest, Keys, queue_job
@@ -43,11 +45,14 @@ def wait_for(pred, timeout: float, what: str):
 @pytest.fixture()
 def worker_proc(redis_server, tiny_model_dir, tmp_path):
     prefix = f"respawn{uuid.uuid4().hex[:8]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "worker", "--redis-url", redis_server.url, "--model",
          str(tiny_model_dir), "--model-name", "tiny", "--prefix", prefix, "--claim-idle-ms", "60000",
-         "--grace-s", "5", "--threads", "1", "--enable-test-faults"],
+         "--grace-s", "5", "--threads", "1", "--enable-test-faults", "--metrics-port", str(metrics_port)],
         stdout=log, stderr=subprocess.STDOUT)
     keys = Keys(prefix)
     r = redis_server.client()
@@ -60,6 +65,7 @@ def worker_proc(redis_server, tiny_model_dir, tmp_path):
         return None
 
     proc.keys, proc.r, proc.heartbeat, proc.log_path = keys, r, heartbeat, tmp_path / "worker.log"
+    proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -150,3 +156,20 @@ def test_respawner_backs_off_only_for_children_that_never_got_ready():
     sup = Respawner(failed_to_start, on_death=seen.append)
     assert sup.run() == 0 and sup.respawns == 3 and len(seen) == 4
     assert time.monotonic() - t0 >= 0.5 + 1.0 + 2.0 - 0.1  # exponential back-off between failed starts
+
+
+def test_standalone_worker_serves_its_own_metrics(worker_proc):
+    """``diffuserve worker --metrics-port N``: the serving process exposes its metrics for Prometheus."""
+    proc = worker_proc
+    wait_for(proc.heartbeat, 120, "the first heartbeat")
+    job = submit(proc, steps=3)
+    wait_for(lambda: record(proc, job).get("status") == "succeeded", 60, "the job to succeed")
+
+    def sample(text: str, prefix: str) -> float:
+        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+    text = httpx.get(proc.metrics_url, timeout=5).text
+    assert sample(text, 'diffuserve_jobs_total{model="tiny",status="succeeded"}') >= 1
+    assert sample(text, 'diffuserve_images_generated_total{model="tiny"}') >= 1
+    assert sample(text, "diffuserve_denoise_step_seconds_count") >= 3
+    assert sample(text, "diffuserve_device_memory_bytes") > 0
