@@ -388,3 +388,25 @@ def test_worker_records_every_metric(r, redis_server, tiny_model_dir, lora_dir):
     assert value("diffuserve_denoise_step_seconds_count", resolution="32x32", batch="2") - step_before >= 4
     assert value("diffuserve_running_samples", worker="metered") == 0
     assert value("diffuserve_device_memory_bytes", worker="metered") > 10_000_000  # the process's RSS on CPU
+
+
+def test_out_of_memory_step_splits_the_batch_and_every_job_succeeds(r, worker, engine, monkeypatch):
+    """A step that runs out of memory for more than two samples is retried in halves (within one job too),
+    and each image is what the job gives alone."""
+    reqs = [make_request(n=4, seed=110, prompt="a blue square"), make_request(seed=120)]
+    ids = [enqueue(r, q) for q in reqs]
+    sizes = []
+    step = engine.step
+
+    def small_steps_only(samples):
+        sizes.append(len(samples))
+        if len(samples) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return step(samples)
+
+    monkeypatch.setattr(engine, "step", small_steps_only)
+    worker().run(burst=True)
+    monkeypatch.undo()
+    assert all(status(r, j)["status"] == "succeeded" for j in ids)
+    assert max(sizes) == 5 and {1, 2} <= set(sizes)  # tried whole, then in halves that fit
+    assert_images_as_alone(r, engine, ids, reqs)
