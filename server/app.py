@@ -262,7 +262,6 @@ def create_app(settings: Settings) -> FastAPI:
     # a flood of made-up model names cannot grow the cache: unknown names only while there is room
     models_seen = Refreshed(1.0, read_model_info, keep=lambda info: info is not None)
     rates_seen = Refreshed(2.0, read_throughput)
-    app.state.caches = (models_seen, rates_seen)
 
     async def model_info(r: aioredis.Redis, name: str) -> ModelInfo | None:
         return await models_seen.get(r, name)

@@ -373,8 +373,9 @@ def test_worker_records_every_metric(r, redis_server, tiny_model_dir, lora_dir):
 
     c1 = {k: value(n, **lab) for k, (n, lab) in counted.items()}
     delta = {k: c1[k] - c0[k] for k in counted}
-    assert delta == {"images": 5, "ok": 4, "failed": 1, "poison": 1, "reclaims": 1, "misses": 1, "loads": 1,
-                     "hits": delta["hits"]} and delta["hits"] >= 1, delta
+    hits = delta.pop("hits")  # one per adapter lookup after the first load: at least the later job's
+    assert hits >= 1 and delta == {"images": 5, "ok": 4, "failed": 1, "poison": 1, "reclaims": 1, "misses": 1,
+                                   "loads": 1}, (hits, delta)
     after = {n: value(n) for n in names}
     assert after["diffuserve_queue_wait_seconds_count"] - before["diffuserve_queue_wait_seconds_count"] == 4
     assert after["diffuserve_time_to_first_step_seconds_count"] - before[

@@ -8,9 +8,9 @@ default: the default favours throughput (full batches).
 
 The model is a least-squares line ``t(b) = a + c * b`` over the recent (batch size, step seconds) pairs;
 until two sizes have been seen it assumes a step's time is proportional to its batch, and probes one size
-up so that a second size is seen. It counts samples,
-not pixels: meant for a worker serving one resolution (mixed sizes make it approximate, and the cap, which
-counts every running sample while a step runs one resolution group, conservative).
+up so that a second size is seen. It counts samples, not pixels: meant for a worker serving one resolution
+(mixed sizes make it approximate, and the cap, which counts every running sample while a step runs one
+resolution group, conservative).
 """
 
 from __future__ import annotations

@@ -496,18 +496,18 @@ class Worker:
         self.export_gauges()
         info = self.engine.model.describe()
         key = self.keys.worker(self.s.name)
+        now = time.time()
         with self.r.pipeline(transaction=False) as p:
             if self._model_info:  # re-registered every beat: survives a Redis restart without persistence
                 p.hset(self.keys.models(), self.s.model_name, self._model_info)
             p.hset(key, mapping={
                 "name": self.s.name, "host": socket.gethostname(), "pid": os.getpid(), "model": self.s.model_name,
                 "device": info["device"], "dtype": info["dtype"], "batch": sum(len(j.samples) for j in self.active.values()),
-                "jobs_done": self.jobs_done, "heartbeat": f"{time.time():.3f}", "version": "0.1.0",
+                "jobs_done": self.jobs_done, "heartbeat": f"{now:.3f}", "version": "0.1.0",
                 "stopping": int(self.stopping), "images_per_s": f"{self.images_per_s:.4f}",
                 "max_batch": self.s.max_batch, "respawns": self.s.respawns,
             })
             p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
-            now = time.time()
             p.zadd(self.keys.workers(), {self.s.name: now})
             p.zremrangebyscore(self.keys.workers(), "-inf", now - 3600)  # long-dead names (SIGKILLed workers)
             p.execute()
