@@ -106,21 +106,28 @@ def test_jobs_finishing_in_one_tick_share_a_decode_and_keep_their_images(r, work
     assert_images_as_alone(r, engine, ids, reqs)
 
 
+def run_with_memory_for(rows: int, method: str, w, engine, monkeypatch) -> list[int]:
+    """Run the worker to the end while ``engine.<method>`` runs out of memory on more than ``rows`` samples;
+    returns the sample count of every call."""
+    calls = []
+    real = getattr(engine, method)
+
+    def limited(samples):
+        calls.append(len(samples))
+        if len(samples) > rows:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(samples)
+
+    monkeypatch.setattr(engine, method, limited)
+    w.run(burst=True)
+    monkeypatch.undo()
+    return calls
+
+
 def test_shared_decode_out_of_memory_falls_back_to_one_job_at_a_time(r, worker, engine, monkeypatch):
     reqs = [make_request(n=2, seed=80), make_request(n=2, seed=90, prompt="a blue square")]
     ids = [enqueue(r, q) for q in reqs]
-    calls = []
-    decode = engine.decode
-
-    def small_decodes_only(samples):
-        calls.append(len(samples))
-        if len(samples) > 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return decode(samples)
-
-    monkeypatch.setattr(engine, "decode", small_decodes_only)
-    worker().run(burst=True)
-    monkeypatch.undo()
+    calls = run_with_memory_for(2, "decode", worker(), engine, monkeypatch)
     assert calls == [4, 2, 2]
     assert all(status(r, job_id)["status"] == "succeeded" for job_id in ids)
     assert_images_as_alone(r, engine, ids, reqs)
@@ -396,18 +403,7 @@ def test_out_of_memory_step_splits_the_batch_and_every_job_succeeds(r, worker, e
     and each image is what the job gives alone."""
     reqs = [make_request(n=4, seed=110, prompt="a blue square"), make_request(seed=120)]
     ids = [enqueue(r, q) for q in reqs]
-    sizes = []
-    step = engine.step
-
-    def small_steps_only(samples):
-        sizes.append(len(samples))
-        if len(samples) > 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
-        return step(samples)
-
-    monkeypatch.setattr(engine, "step", small_steps_only)
-    worker().run(burst=True)
-    monkeypatch.undo()
+    sizes = run_with_memory_for(2, "step", worker(), engine, monkeypatch)
     assert all(status(r, j)["status"] == "succeeded" for j in ids)
     assert max(sizes) == 5 and {1, 2} <= set(sizes)  # tried whole, then in halves that fit
     assert_images_as_alone(r, engine, ids, reqs)
