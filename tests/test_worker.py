@@ -276,6 +276,11 @@ def test_heartbeat_and_shutdown_hand_back(r, worker):
     hb = {k.decode(): v.decode() for k, v in r.hgetall(KEYS.worker(w.s.name)).items()}
     assert hb["model"] == "tiny" and hb["device"] == "cpu" and int(hb["batch"]) == 1
     assert abs(r.zscore(KEYS.workers(), w.s.name) - float(hb["heartbeat"])) < 1  # indexed for the API
+    from importlib.metadata import version
+
+    from workers.contract import CONTRACT_VERSION
+
+    assert hb["version"] == version("diffuserve") and hb["contract"] == str(CONTRACT_VERSION)
     w.stop()
     w.shutdown()
     assert r.exists(KEYS.worker(w.s.name)) == 0 and r.zscore(KEYS.workers(), w.s.name) is None

@@ -24,13 +24,23 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import redis
 
 from models.errors import DiffuserveError
 from workers import metrics as m
-from workers.contract import GROUP, JobRequest, JobStatus, Keys, ModelInfo, announce_final, encode_event
+from workers.contract import (
+    CONTRACT_VERSION,
+    GROUP,
+    JobRequest,
+    JobStatus,
+    Keys,
+    ModelInfo,
+    announce_final,
+    encode_event,
+)
 from workers.pacing import StepCost
 
 log = logging.getLogger(__name__)
@@ -503,7 +513,8 @@ class Worker:
             p.hset(key, mapping={
                 "name": self.s.name, "host": socket.gethostname(), "pid": os.getpid(), "model": self.s.model_name,
                 "device": info["device"], "dtype": info["dtype"], "batch": sum(len(j.samples) for j in self.active.values()),
-                "jobs_done": self.jobs_done, "heartbeat": f"{now:.3f}", "version": "0.1.0",
+                "jobs_done": self.jobs_done, "heartbeat": f"{now:.3f}", "version": package_version(),
+                "contract": CONTRACT_VERSION,
                 "stopping": int(self.stopping), "images_per_s": f"{self.images_per_s:.4f}",
                 "max_batch": self.s.max_batch, "respawns": self.s.respawns,
             })
@@ -534,6 +545,17 @@ class Worker:
             p.delete(self.keys.worker(name))
             p.zrem(self.keys.workers(), name)
             p.execute()
+
+
+@cache
+def package_version() -> str:
+    """diffuserve's installed version (heartbeats show which release each worker runs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffuserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def device_memory(device: Any) -> int:
