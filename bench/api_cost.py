@@ -111,8 +111,8 @@ def measure(redis_url: str, route: str, clients: int, seconds: float, stack: str
     if set(codes) != {want}:
         raise SystemExit(f"{route}: expected only {want}s, got {codes}")
     lat.sort()
-    return {"requests": len(lat), "cpu_ms": 1000 * cpu / len(lat), "client_ms": 1000 * own / len(lat), "p50_ms": 1000 * lat[len(lat) // 2],
-            "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "rate": len(lat) / seconds}
+    return {"requests": len(lat), "cpu_ms": 1000 * cpu / len(lat), "client_ms": 1000 * own / len(lat),
+            "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "rate": len(lat) / seconds}
 
 
 def main() -> int:

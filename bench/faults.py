@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,8 +253,6 @@ async def open_loop(url: str, rate: float, seconds: float, steps: tuple[int, int
     everything it measures, and `bench/api_cost.py` measured httpx at ~2.5 ms of client CPU per request
     against aiohttp's ~0.2 ms, so with httpx the 5x phase timed the client's own event loop as much as the
     server."""
-    import aiohttp
-
     rng = random.Random(seed)
     admitted, rejected, codes, ids = [], [], {}, []
 

@@ -263,12 +263,6 @@ def create_app(settings: Settings) -> FastAPI:
     models_seen = Refreshed(1.0, read_model_info, keep=lambda info: info is not None)
     rates_seen = Refreshed(2.0, read_throughput)
 
-    async def model_info(r: aioredis.Redis, name: str) -> ModelInfo | None:
-        return await models_seen.get(r, name)
-
-    async def throughput(r: aioredis.Redis, model: str) -> float:
-        return await rates_seen.get(r, model)
-
     async def live_workers(r: aioredis.Redis) -> list[dict[str, str]]:
         """Workers with a fresh heartbeat: one range read of the index, then their hashes in one round trip."""
         now = time.time()
@@ -288,17 +282,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def admit(r: aioredis.Redis, body: ImageRequest) -> tuple[str, Any]:
         model = body.model or settings.default_model
-        job = to_job(body, await model_info(r, model), settings, model)
+        job = to_job(body, await models_seen.get(r, model), settings, model)
         job_id = uuid.uuid4().hex
         bound = settings.max_queue
         if settings.max_queue_wait_s is not None:  # the bound in seconds of work, at the measured speed
-            rate = await throughput(r, model)
+            rate = await rates_seen.get(r, model)
             if rate > 0:  # nothing measured yet (a fresh worker): the count bound alone
                 bound = min(bound, max(1, math.floor(settings.max_queue_wait_s * rate)))
         result = await queue_job(r, keys, job_id, job, max_queue=bound)
         if result != 1:  # full: one round trip told us so and the depth; the rate is cached
             depth = -1 - int(result)
-            rate = await throughput(r, model)
+            rate = await rates_seen.get(r, model)
             retry = max(1, math.ceil(depth / rate)) if rate > 0 else 5
             metrics.REJECTED.labels(model).inc()
             raise ApiError("overloaded_error", f"the queue for {model!r} is full ({depth} jobs). Hint: retry after "

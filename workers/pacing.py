@@ -21,14 +21,15 @@ from collections import deque
 class StepCost:
     def __init__(self, window: int = 256) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
-        self._fit: tuple[float, float, float] | None = None  # (mean batch, mean seconds, slope); None: stale
+        # (mean batch, mean seconds, slope, only one batch size seen); None: stale
+        self._fit: tuple[float, float, float, bool] | None = None
 
     def observe(self, batch: int, seconds: float) -> None:
         if batch > 0 and seconds > 0:
             self.samples.append((batch, seconds))
             self._fit = None  # refitted when next asked (once a step at most, and never while the cap is off)
 
-    def _line(self) -> tuple[float, float, float]:
+    def _line(self) -> tuple[float, float, float, bool]:
         if self._fit is None:
             n = len(self.samples)
             mb = sum(b for b, _ in self.samples) / n
@@ -36,14 +37,14 @@ class StepCost:
             var = sum((b - mb) ** 2 for b, _ in self.samples)
             # one size seen so far: proportional (slope through the origin); noise never makes it negative
             slope = mt / mb if var == 0 else max(sum((b - mb) * (t - mt) for b, t in self.samples) / var, 0.0)
-            self._fit = (mb, mt, slope)
+            self._fit = (mb, mt, slope, var == 0)
         return self._fit
 
     def predict(self, batch: int) -> float | None:
         """Expected seconds for one step of ``batch`` samples; None before any observation."""
         if not self.samples:
             return None
-        mb, mt, slope = self._line()
+        mb, mt, slope, _ = self._line()
         return max(mt + slope * (batch - mb), 1e-6)
 
     def cap(self, budget_s: float, max_batch: int) -> int:
@@ -58,9 +59,7 @@ class StepCost:
         if not self.samples:
             return 1
         best = max((b for b in range(1, max_batch + 1) if self.predict(b) <= budget_s), default=1)
-        sizes = {b for b, _ in self.samples}
-        if len(sizes) == 1:
-            (seen,) = sizes
-            if self.predict(seen) <= budget_s:
-                best = max(best, min(seen + 1, max_batch))
+        seen, seen_s, _, one_size = self._line()  # with one size seen, its mean step time
+        if one_size and seen_s <= budget_s:
+            best = max(best, min(int(seen) + 1, max_batch))
         return best
