@@ -41,9 +41,11 @@ ENGINE_MODES = ("exact", "fast")
 LORA_MODES = ("merge", "per_sample")
 
 
-def default_engine_mode(device: torch.device) -> str:
-    """``fast`` where it is measured to pay without hurting quality (CUDA), else ``exact`` (see bench/)."""
-    return "fast" if device.type == "cuda" else "exact"
+def default_engine_mode(device: torch.device, long_running: bool = False) -> str:
+    """``fast`` where it pays without hurting quality: a long-running worker everywhere (it serves eager while
+    its graphs compile in the background, see models/warm.py), a one-shot run on CUDA; ``exact`` for a
+    one-shot run on a CPU, where compiling the graphs takes minutes to save seconds (see bench/)."""
+    return "fast" if long_running or device.type == "cuda" else "exact"
 
 
 @dataclass(frozen=True)
@@ -305,27 +307,46 @@ class Engine:
         # Drawn on the CPU from the sample's own generator: reproducible across devices and batches.
         return torch.randn(s.x.shape, generator=s.generator, dtype=torch.float32).to(self.device)
 
-    @torch.inference_mode()
-    def warmup(self, max_batch: int = 16) -> float:
-        """Fast mode: compile every batch bucket that a step (up to 2 x ``max_batch`` rows with guidance) or a
-        decode (up to ``max_batch``) at the native size can use, so no request waits for a compile. Returns
-        the seconds it took (0 in exact mode, which has nothing to compile)."""
+    def warm_plan(self, max_batch: int = 16) -> list[tuple[str, int]]:
+        """Fast mode: the graphs (``("unet" | "decode", batch size)``) that a step of up to 2 x ``max_batch``
+        rows (guidance doubles them) and a decode of up to ``max_batch`` at the native size can use, in the
+        order that pays first. Empty in exact mode, which has nothing to compile."""
         if self.mode != "fast":
-            return 0.0
-        from models.fast import warm_buckets
+            return []
+        from models.fast import warm_buckets, warm_order
 
-        buckets = self._unet.buckets  # as accelerate() chose them for this device
-        t0 = time.perf_counter()
+        unet = warm_buckets(2 * max_batch, self._unet.buckets)  # as accelerate() chose them for this device
+        decode = warm_buckets(max_batch, self._decode.buckets)
+        self._unet.planned, self._decode.planned = set(unet), set(decode)
+        return [("unet", b) for b in warm_order(unet, 2)] + [("decode", b) for b in warm_order(decode, 1)]
+
+    @torch.inference_mode()
+    def warm(self, part: str, rows: int) -> None:
+        """Build (or load from inductor's cache) one graph of the plan and run it once; from then on calls
+        that need only built graphs run compiled (``models.fast.Bucketed.ready``)."""
         w, h = self.model.native_size
         f, c = self.model.vae_scale_factor, self.model.latent_channels
-        width = self.model.text_encoder.config.hidden_size
-        for b in warm_buckets(2 * max_batch, buckets):
-            x = torch.zeros(b, c, h // f, w // f, device=self.device)
-            t = torch.full((b,), 500.0, device=self.device)
-            self._unet_call(x, t, torch.zeros(b, self.prompts.max_length, width, device=self.device))
-        for b in warm_buckets(max_batch, buckets):
-            self._decode_call(torch.zeros(b, c, h // f, w // f, device=self.device))
-        return time.perf_counter() - t0
+        x = torch.zeros(rows, c, h // f, w // f, device=self.device)
+        module = self._unet if part == "unet" else self._decode
+        module.ready.add(rows)
+        try:
+            if part == "unet":
+                width = self.model.text_encoder.config.hidden_size
+                emb = torch.zeros(rows, self.prompts.max_length, width, device=self.device)
+                self._unet_call(x, torch.full((rows,), 500.0, device=self.device), emb)
+            else:
+                self._decode_call(x)
+        except BaseException:
+            module.ready.discard(rows)
+            raise
+
+    def warmup(self, max_batch: int = 16) -> float:
+        """Build every graph of ``warm_plan`` now, so that no call waits for a compile or runs eager.
+        Returns the seconds it took (0 in exact mode)."""
+        t0 = time.perf_counter()
+        for part, rows in self.warm_plan(max_batch):
+            self.warm(part, rows)
+        return time.perf_counter() - t0 if self.mode == "fast" else 0.0
 
     # -- 5. decode ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -8,8 +8,13 @@ On CPU shapes are compiled static, not dynamic: inductor's static-shape CPU kern
 model, UNet at 32 rows: eager 204 ms, static 147 ms; dynamic compile gave the engine only 1.08x stock at
 batch 16). Batch sizes vary from step to step under continuous batching, so every call at the model's
 native size is padded or split into a few fixed batch sizes (``BUCKETS``), compiled once each (the engine's
-``warmup``); other sizes run the eager modules rather than stall a server for a compile. On CUDA the batch
+``warm_plan``); other sizes run the eager modules rather than stall a server for a compile. On CUDA the batch
 dimension stays dynamic (``buckets_for``).
+
+A call runs compiled only once every graph it needs has been built and run (``Bucketed.ready``); until then
+it runs the eager module, in the same precision. So an engine serves at once and speeds up graph by graph
+as they come in: ``Engine.warmup`` builds them all before returning, ``models.warm.BackgroundWarmup`` has a
+separate process compile them while a worker serves, then loads them from inductor's on-disk cache.
 """
 
 from __future__ import annotations
@@ -81,6 +86,14 @@ class Bucketed:
     def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], spatial: tuple[int, int],
                  buckets: Sequence[int] = BUCKETS) -> None:
         self.compiled, self.eager, self.spatial, self.buckets = compiled, eager, spatial, tuple(buckets)
+        self.ready: set[int] = set()  # batch sizes whose graph is built and has run once
+        self.planned: set[int] = set()  # the sizes a warm-up will build (with dynamic shapes: all of them)
+
+    def compiled_for(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows runs compiled without compiling anything (else it runs eager)."""
+        if not self.buckets:  # dynamic shapes: a warmed size, or any size once the planned ones are in
+            return rows in self.ready or bool(self.planned) and self.planned <= self.ready
+        return all(b in self.ready for _, b in chunks(rows, self.buckets))
 
     def native(self, x: torch.Tensor) -> bool:
         return tuple(x.shape[-2:]) == self.spatial
@@ -89,7 +102,7 @@ class Bucketed:
 class FastUNet(Bucketed):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  return_dict: bool = False) -> tuple[torch.Tensor]:
-        if not self.native(x):
+        if not self.native(x) or not self.compiled_for(x.shape[0]):
             return (self.eager(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0],)
         return (run_bucketed(lambda a, b, c: self.compiled(a, b, encoder_hidden_states=c, return_dict=False)[0],
                              [x, t.expand(x.shape[0]).contiguous(), encoder_hidden_states], self.buckets),)
@@ -97,7 +110,7 @@ class FastUNet(Bucketed):
 
 class FastDecode(Bucketed):
     def __call__(self, z: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
-        if not self.native(z):
+        if not self.native(z) or not self.compiled_for(z.shape[0]):
             return (self.eager(z, return_dict=False)[0],)
         return (run_bucketed(lambda a: self.compiled(a, return_dict=False)[0], [z], self.buckets),)
 
@@ -141,3 +154,10 @@ def warm_buckets(max_rows: int, buckets: Sequence[int] = BUCKETS) -> list[int]:
     if not buckets:
         return sorted({1, min(2, max_rows), max_rows})
     return sorted({b for rows in range(1, max_rows + 1) for _, b in chunks(rows, buckets)})
+
+
+def warm_order(sizes: Sequence[int], first: int) -> list[int]:
+    """Build order: the size a lone request uses (``first``), then from the largest down, since a full
+    batch is where the compiled graph saves the most time per call."""
+    rest = sorted((b for b in sizes if b != first), reverse=True)
+    return ([first] if first in sizes else []) + rest

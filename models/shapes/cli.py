@@ -89,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
         report = {"n": args.n, "vae_round_trip": vae_round_trip(model.vae, args.n)}
     else:
         engine = Engine(model, mode=args.engine_mode, lora_dir=str(lora_dir) if lora_dir else None)
+        engine.warmup(16)  # fast mode: every graph the evaluator's batches use (exact: nothing to do)
         if args.pictures:
             from models.shapes.card import make_pictures
 
