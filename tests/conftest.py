@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Servers and workers the suite starts run the exact engine unless a test asks otherwise: the default
+# ("auto", fast for workers) would compile graphs in the background in every one of them, on CI's 2 cores.
+# tests/test_respawn.py and tests/test_warm.py run the default and the fast mode on purpose.
+os.environ.setdefault("DIFFUSERVE_ENGINE_MODE", "exact")
 
 
 @pytest.fixture(scope="session")

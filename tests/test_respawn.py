@@ -6,6 +6,7 @@ handed over by the respawned process (not reclaimed by the idle-time path).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -44,6 +45,12 @@ def wait_for(pred, timeout: float, what: str):
 
 @pytest.fixture()
 def worker_proc(redis_server, tiny_model_dir, tmp_path):
+    with spawn_worker(redis_server, tiny_model_dir, tmp_path) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def spawn_worker(redis_server, tiny_model_dir, tmp_path, *extra: str, env: dict[str, str] | None = None):
     prefix = f"respawn{uuid.uuid4().hex[:8]}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,8 +59,8 @@ def worker_proc(redis_server, tiny_model_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "worker", "--redis-url", redis_server.url, "--model",
          str(tiny_model_dir), "--model-name", "tiny", "--prefix", prefix, "--claim-idle-ms", "60000",
-         "--grace-s", "5", "--threads", "1", "--enable-test-faults", "--metrics-port", str(metrics_port)],
-        stdout=log, stderr=subprocess.STDOUT)
+         "--grace-s", "5", "--threads", "1", "--enable-test-faults", "--metrics-port", str(metrics_port), *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     keys = Keys(prefix)
     r = redis_server.client()
 
@@ -66,11 +73,13 @@ def worker_proc(redis_server, tiny_model_dir, tmp_path):
 
     proc.keys, proc.r, proc.heartbeat, proc.log_path = keys, r, heartbeat, tmp_path / "worker.log"
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def submit(proc, steps: int, fault: str | None = None) -> str:
@@ -173,3 +182,29 @@ def test_standalone_worker_serves_its_own_metrics(worker_proc):
     assert sample(text, 'diffuserve_images_generated_total{model="tiny"}') >= 1
     assert sample(text, "diffuserve_denoise_step_seconds_count") >= 3
     assert sample(text, "diffuserve_device_memory_bytes") > 0
+
+
+@pytest.mark.timeout(600)
+def test_worker_by_default_serves_at_once_and_turns_fast_as_its_graphs_compile(redis_server, tiny_model_dir,
+                                                                              tmp_path):
+    """The default engine mode of a worker is fast, without the compile wait: it takes jobs at once (eager)
+    while a child process compiles, then loads the graphs; heartbeat and metrics say how far it is."""
+    env = {k: v for k, v in os.environ.items() if k != "DIFFUSERVE_ENGINE_MODE"}  # the default, "auto"
+    with spawn_worker(redis_server, tiny_model_dir, tmp_path, "--max-batch", "1", env=env) as proc:
+        first = wait_for(proc.heartbeat, 120, "the first heartbeat")
+        assert first["engine_mode"] == "fast" and first["graphs_pending"] == "3", first  # UNet 2 and 1 rows, decode 1
+        job = submit(proc, steps=3)
+        wait_for(lambda: record(proc, job).get("status") == "succeeded", 60, "the first job")
+        during = proc.heartbeat()
+        assert during["compile"] in ("compiling", "loading") and int(during["graphs_pending"]) > 0, during
+        done = wait_for(lambda: (h := proc.heartbeat()) and h["compile"] in ("done", "failed") and h, 500,
+                        "the graphs to be compiled and loaded")
+        assert done["compile"] == "done" and done["graphs_pending"] == "0", proc.log_path.read_text()[-3000:]
+        text = httpx.get(proc.metrics_url, timeout=5).text
+        assert [ln for ln in text.splitlines() if ln.startswith("diffuserve_fast_graphs_pending{")] == [
+            f'diffuserve_fast_graphs_pending{{worker="{done["name"]}"}} 0.0']
+        job = submit(proc, steps=3)
+        wait_for(lambda: record(proc, job).get("status") == "succeeded", 60, "a job on the compiled graphs")
+        assert "all 3 graphs compiled and in use" in proc.log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -22,6 +22,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=env("DIFFUSERVE_DEVICE", "auto"))
     p.add_argument("--dtype", default=env("DIFFUSERVE_DTYPE", "auto"))
     p.add_argument("--engine-mode", default=env("DIFFUSERVE_ENGINE_MODE", "auto"), choices=["auto", "exact", "fast"])
+    p.add_argument("--warmup", default=env("DIFFUSERVE_WARMUP", "background"), choices=["background", "blocking"],
+                   help="fast mode: serve at once, eager, while a child process compiles the graphs, then switch "
+                        "to each as it is built (background, the default); or compile all before taking jobs")
+    p.add_argument("--compile-nice", type=int, default=int(env("DIFFUSERVE_COMPILE_NICE", "10")),
+                   help="niceness added to the background compile process (serving keeps the CPU first)")
     p.add_argument("--lora-mode", default=env("DIFFUSERVE_LORA_MODE", "merge"), choices=["merge", "per_sample"],
                    help="merge: adapters merged into the weights, one adapter set per UNet call (exact, the "
                         "default); per_sample: applied per sample by hooks, mixed sets share UNet calls (exact mode)")
@@ -74,7 +79,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.engine_mode != "auto":
         mode = args.engine_mode
     else:  # per-sample adapters run in exact mode (see models/engine.py)
-        mode = "exact" if args.lora_mode == "per_sample" else default_engine_mode(model.device)
+        mode = "exact" if args.lora_mode == "per_sample" else default_engine_mode(model.device, long_running=True)
     try:
         engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None, lora_mode=args.lora_mode)
     except DiffuserveError as e:
@@ -110,11 +115,16 @@ def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: 
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
-    if mode == "fast":  # compile every batch bucket now, before this worker takes jobs (see models/fast.py)
+    warm = None
+    if mode == "fast" and args.warmup == "blocking":  # every graph now, before this worker takes jobs
         print(f"worker {settings.name}: compiling the fast mode's batch sizes...", flush=True)
         took = engine.warmup(args.max_batch)  # type: ignore[attr-defined]
         log.warning("worker %s: fast mode compiled in %.1f s", settings.name, took)
-    worker = Worker(settings, engine)
+    elif mode == "fast":  # serve eager now; a child process compiles (models/warm.py)
+        from models.warm import BackgroundWarmup
+
+        warm = BackgroundWarmup(engine, args.max_batch, device=args.device, dtype=args.dtype, nice=args.compile_nice)
+    worker = Worker(settings, engine, warm=warm)
     if previous_name:
         worker.take_over(previous_name)
     if ready:
@@ -123,5 +133,9 @@ def serve_worker(args: argparse.Namespace, engine: object, mode: str, respawns: 
     signal.signal(signal.SIGINT, lambda *_: worker.stop(args.grace_s))
     log.warning("worker %s serving %r on %s (%s mode)", settings.name, model.name, model.device, mode)
     print(f"worker {settings.name} ready: model {model.name!r} on {model.device}", flush=True)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        if warm is not None:
+            warm.close()
     return 0

@@ -26,6 +26,8 @@ JOBS = Counter("diffuserve_jobs_total", "Jobs by final status", ["model", "statu
 RECLAIMS = Counter("diffuserve_reclaims_total", "Jobs claimed from dead workers", ["model"])
 POISON = Counter("diffuserve_poison_jobs_total", "Jobs failed as poison after too many deliveries", ["model"])
 RUNNING = Gauge("diffuserve_running_samples", "Samples in the running batch", ["worker"], multiprocess_mode="livesum")
+GRAPHS_PENDING = Gauge("diffuserve_fast_graphs_pending", "Fast mode: compiled graphs not yet in use (calls that need "
+                       "them run eager)", ["worker"], multiprocess_mode="livesum")
 ADAPTER = Counter("diffuserve_adapter_cache_events_total", "LoRA adapter cache events", ["event"])
 ADAPTER_LOAD_SECONDS = Counter("diffuserve_adapter_load_seconds_total", "Time spent loading adapters")
 DEVICE_MEMORY = Gauge("diffuserve_device_memory_bytes", "Accelerator memory in use", ["worker"],

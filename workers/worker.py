@@ -98,9 +98,10 @@ def connect(url: str) -> redis.Redis:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: Any, r: redis.Redis | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, engine: Any, r: redis.Redis | None = None, warm: Any = None) -> None:
         self.s = settings
         self.engine = engine
+        self.warm = warm  # models.warm.BackgroundWarmup: fast-mode graphs still to load, one per upkeep
         self.r = r or connect(settings.redis_url)
         self.keys = Keys(settings.prefix)
         self.stream = self.keys.jobs(settings.model_name)
@@ -192,6 +193,8 @@ class Worker:
             if time.monotonic() - self._last_tick > self.s.stall_s:
                 continue
             try:
+                if time.monotonic() - self._last_upkeep > 2 * self.s.heartbeat_s:
+                    self.heartbeat(gauges=False)  # a long tick (a big step, a graph loading): still alive
                 ids = [j.msg_id for j in list(self.active.values())] + [m for m, _ in list(self.deferred)]
                 if ids:
                     self.r.xclaim(self.stream, GROUP, self.s.name, 0, ids, justid=True)
@@ -448,6 +451,8 @@ class Worker:
             return
         self._last_upkeep = now
         self.heartbeat()
+        if self.warm is not None and not self.stopping:
+            self.warm.poll(idle=not self.active and not self.deferred)
         if self.active:  # reset our in-flight entries' idle time, so no one claims a healthy long job
             self.r.xclaim(self.stream, GROUP, self.s.name, 0, [j.msg_id for j in self.active.values()], justid=True)
         if not self.stopping:
@@ -491,6 +496,7 @@ class Worker:
 
     def export_gauges(self) -> None:
         m.RUNNING.labels(self.s.name).set(sum(len(j.samples) for j in self.active.values()))
+        m.GRAPHS_PENDING.labels(self.s.name).set(self.warm.pending if self.warm else 0)
         st = self.engine.adapters.stats
         for event in ("hits", "misses", "loads", "evictions"):
             delta = getattr(st, event) - self._adapter_seen.get(event, 0)
@@ -502,8 +508,9 @@ class Worker:
             self._adapter_seen["load_seconds"] = st.load_seconds
         m.DEVICE_MEMORY.labels(self.s.name).set(device_memory(self.engine.model.device))
 
-    def heartbeat(self) -> None:
-        self.export_gauges()
+    def heartbeat(self, gauges: bool = True) -> None:
+        if gauges:
+            self.export_gauges()
         info = self.engine.model.describe()
         key = self.keys.worker(self.s.name)
         now = time.time()
@@ -517,6 +524,8 @@ class Worker:
                 "contract": CONTRACT_VERSION,
                 "stopping": int(self.stopping), "images_per_s": f"{self.images_per_s:.4f}",
                 "max_batch": self.s.max_batch, "respawns": self.s.respawns,
+                "engine_mode": getattr(self.engine, "mode", ""), "graphs_pending": self.warm.pending if self.warm else 0,
+                "compile": self.warm.status() if self.warm else "",
             })
             p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
             p.zadd(self.keys.workers(), {self.s.name: now})
