@@ -427,7 +427,9 @@ def create_app(settings: Settings) -> FastAPI:
         ws = await live_workers(rds(request))
         return {"data": [{"name": w["name"], "host": w.get("host"), "pid": int(w.get("pid", 0)), "model": w.get("model"),
                           "device": w.get("device"), "batch": int(w.get("batch", 0)),
-                          "jobs_done": int(w.get("jobs_done", 0)), "last_heartbeat": float(w["heartbeat"])}
+                          "jobs_done": int(w.get("jobs_done", 0)), "last_heartbeat": float(w["heartbeat"]),
+                          "engine_mode": w.get("engine_mode", ""), "compile": w.get("compile", ""),
+                          "graphs_pending": int(w.get("graphs_pending", 0) or 0)}
                          for w in ws]}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
