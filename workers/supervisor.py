@@ -119,7 +119,8 @@ def mark_dead(pid: int, env: dict[str, str]) -> None:
 
 def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
     out = ["--redis-url", redis_url, "--device", args.device, "--dtype", args.dtype, "--engine-mode", args.engine_mode,
-           "--warmup", args.warmup, "--compile-nice", str(args.compile_nice), "--lora-mode", args.lora_mode, "--max-batch", str(args.max_batch), "--max-step-ms", str(args.max_step_ms),
+           "--warmup", args.warmup, "--compile-nice", str(args.compile_nice), "--lora-mode", args.lora_mode,
+           "--max-batch", str(args.max_batch), "--max-step-ms", str(args.max_step_ms),
            "--batching", args.batching, "--claim-idle-ms", str(args.claim_idle_ms),
            "--max-deliveries", str(args.max_deliveries), "--result-ttl-s", str(args.result_ttl_s),
            "--grace-s", str(args.grace_s), "--prefix", args.prefix]
