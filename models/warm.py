@@ -49,8 +49,13 @@ class BackgroundWarmup:
         self.seconds = 0.0  # spent loading graphs in this process (the serving loop's pause)
         fd, name = tempfile.mkstemp(prefix="diffuserve-warm-", suffix=".log")
         self.log_path = Path(name)
+        import torch
+
+        # The same thread count as this process: inductor's cache key depends on it (with 1 thread here and 2
+        # there, loading the tiny test model's 5 graphs took 83 s instead of 20: mostly misses).
         cmd = [sys.executable, "-m", "models.warm", str(engine.model.path), "--max-batch", str(max_batch),
-               "--device", device, "--dtype", dtype, "--nice", str(nice), "--parent", str(os.getpid())]
+               "--device", device, "--dtype", dtype, "--threads", str(torch.get_num_threads()),
+               "--nice", str(nice), "--parent", str(os.getpid())]
         root = str(Path(__file__).resolve().parent.parent)  # so ``-m models.warm`` imports this checkout
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (the worker's own count)")
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--parent", type=int, default=0, help="exit when this process is no longer our parent")
     args = p.parse_args(argv)
@@ -141,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         exit_with_parent(args.parent)
     if args.nice > 0:
         os.nice(args.nice)  # inductor's compile workers, started later, inherit it
+    import torch
+
     from models.engine import Engine
     from models.loading import load_pipeline
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     engine = Engine(load_pipeline(Path(args.model), device=args.device, dtype=args.dtype), mode="fast")
     with open(lock_path(args.model), "w") as lock:

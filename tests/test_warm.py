@@ -66,6 +66,7 @@ def test_background_warmup_serves_eager_then_switches_to_built_graphs(tiny_model
     warm = BackgroundWarmup(fast, 1, gap_s=0.0)
     try:
         assert warm.plan == [("unet", 2), ("unet", 1), ("decode", 1)] and warm.status() == "compiling"
+        assert f"--threads {torch.get_num_threads()} " in " ".join(warm.proc.args)  # the cache key needs it
         got = fast.generate([req])[0].images[0]  # served at once, eager: nothing compiled in this process
         assert counters["stats"]["unique_graphs"] == graphs
         assert np.abs(got.astype(int) - want).max() <= most
