@@ -278,17 +278,39 @@ class Engine:
         else:
             with self.lora.per_row([s.loras for s in rows]):
                 out = self._unet_call(x_in, t.to(self.device), emb)
-        uncond_out, cond_out = out[: len(guided)], out[len(guided) :]
-        g = 0
+        uncond_out, pred = out[: len(guided)], out[len(guided) :]
+        if guided:  # u + g (c - u), each row with its own scale, in one operation
+            rows_g = [j for j, s in enumerate(samples) if s.uncond is not None]
+            scale = torch.tensor([s.guidance for s in guided], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1)
+            pred = pred.clone()
+            pred[rows_g] = uncond_out + scale * (pred[rows_g] - uncond_out)
+        self._sampler_updates(samples, pred)
+
+    def _sampler_updates(self, samples: Sequence[Sample], pred: torch.Tensor) -> None:
+        """One sampler update per sample, batched where samples are at the same point of the same plan (a
+        request's images): the update is elementwise with coefficients from (plan, step), so one call on the
+        stacked rows gives each row exactly what its own call would, at a fraction of the per-call overhead
+        (16 separate updates cost ~2 ms a step on a 2-core CPU). Noise stays per sample, from
+        each sample's own generator, in the same order."""
+        together: dict[tuple[int, int, int, bool], list[int]] = {}
         for j, s in enumerate(samples):
-            pred = cond_out[j : j + 1]
-            if s.uncond is not None:
-                u = uncond_out[g : g + 1]
-                pred = u + s.guidance * (pred - u)
-                g += 1
-            noise = functools.partial(self._noise, s)
-            s.x = s.sampler.step(s.plan, s.step_index, s.x, pred, s.state, noise)
-            s.step_index += 1
+            key = (id(s.sampler), id(s.plan), s.step_index, s.state.prev_x0 is None)
+            together.setdefault(key, []).append(j)
+        for idx in together.values():
+            members = [samples[j] for j in idx]
+            s0 = members[0]
+            if len(members) == 1:
+                s0.x = s0.sampler.step(s0.plan, s0.step_index, s0.x, pred[idx[0] : idx[0] + 1], s0.state,
+                                       functools.partial(self._noise, s0))
+                s0.step_index += 1
+                continue
+            state = SamplerState(None if s0.state.prev_x0 is None else torch.cat([s.state.prev_x0 for s in members]))
+            x = s0.sampler.step(s0.plan, s0.step_index, torch.cat([s.x for s in members]), pred[idx], state,
+                                lambda m=members: torch.cat([self._noise(s) for s in m]))
+            for k, s in enumerate(members):
+                s.x = x[k : k + 1]
+                s.state.prev_x0 = None if state.prev_x0 is None else state.prev_x0[k : k + 1]
+                s.step_index += 1
 
     def _unet_call(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         dtype = self.model.dtype
