@@ -269,7 +269,10 @@ class Engine:
             raise ValueError("step() takes unfinished samples of one group (same size and adapter set)")
         guided = [s for s in samples if s.uncond is not None]
         rows = guided + list(samples)
-        x_in = torch.cat([s.x * s.sampler.input_scale(s.plan, s.step_index) for s in rows])
+        # Each sample's input scale as one column: one multiply for the batch, the same product per row.
+        scale = torch.tensor([s.sampler.input_scale(s.plan, s.step_index) for s in samples], dtype=torch.float32)
+        x = torch.cat([s.x for s in samples]) * scale.to(self.device).view(-1, 1, 1, 1)
+        x_in = torch.cat([x[[j for j, s in enumerate(samples) if s.uncond is not None]], x]) if guided else x
         t = torch.tensor([float(s.plan.timesteps[s.step_index]) for s in rows], dtype=torch.float32)
         emb = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
         if self.lora_mode == "merge":
