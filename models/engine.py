@@ -267,12 +267,13 @@ class Engine:
         key = samples[0].group
         if any(s.group != key or s.done for s in samples):
             raise ValueError("step() takes unfinished samples of one group (same size and adapter set)")
-        guided = [s for s in samples if s.uncond is not None]
+        g_idx = [j for j, s in enumerate(samples) if s.uncond is not None]  # rows that also run unconditioned
+        guided = [samples[j] for j in g_idx]
         rows = guided + list(samples)
         # Each sample's input scale as one column: one multiply for the batch, the same product per row.
         scale = torch.tensor([s.sampler.input_scale(s.plan, s.step_index) for s in samples], dtype=torch.float32)
         x = torch.cat([s.x for s in samples]) * scale.to(self.device).view(-1, 1, 1, 1)
-        x_in = torch.cat([x[[j for j, s in enumerate(samples) if s.uncond is not None]], x]) if guided else x
+        x_in = torch.cat([x[g_idx], x]) if guided else x
         t = torch.tensor([float(s.plan.timesteps[s.step_index]) for s in rows], dtype=torch.float32)
         emb = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
         if self.lora_mode == "merge":
@@ -283,10 +284,9 @@ class Engine:
                 out = self._unet_call(x_in, t.to(self.device), emb)
         uncond_out, pred = out[: len(guided)], out[len(guided) :]
         if guided:  # u + g (c - u), each row with its own scale, in one operation
-            rows_g = [j for j, s in enumerate(samples) if s.uncond is not None]
-            scale = torch.tensor([s.guidance for s in guided], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1)
+            g = torch.tensor([s.guidance for s in guided], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1)
             pred = pred.clone()
-            pred[rows_g] = uncond_out + scale * (pred[rows_g] - uncond_out)
+            pred[g_idx] = uncond_out + g * (pred[g_idx] - uncond_out)
         self._sampler_updates(samples, pred)
 
     def _sampler_updates(self, samples: Sequence[Sample], pred: torch.Tensor) -> None:
