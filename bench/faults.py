@@ -572,7 +572,8 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The recorded runs (docs/faults.md) are in exact mode; fast mode (the workers' default) would compile
-    # in the background during the first minutes of every restarted worker. DIFFUSERVE_ENGINE_MODE=fast to try it.
+    # in the background during the first minutes of every restarted worker. Set DIFFUSERVE_ENGINE_MODE=fast
+    # to try it.
     os.environ.setdefault("DIFFUSERVE_ENGINE_MODE", "exact")
     lo, hi = (int(x) for x in args.steps.split(","))
     rows = run(tuple(args.only.split(",")), args.quick, args.model, args.lora_dir, args.workdir, args.kills,

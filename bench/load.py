@@ -104,8 +104,11 @@ class Server:
         t0 = time.monotonic()
         self.ready_s = self.wait(lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200) - t0
         # Fast mode serves at once, eager, and compiles in the background: measure once every graph is in.
-        workers = lambda: httpx.get(f"{self.url}/v1/workers", timeout=2).json()["data"]  # noqa: E731
-        self.fast_s = self.wait(lambda: all(w["graphs_pending"] == 0 for w in workers()) and workers()) - t0
+        self.fast_s = self.wait(self.all_compiled) - t0
+
+    def all_compiled(self) -> bool:
+        workers = httpx.get(f"{self.url}/v1/workers", timeout=2).json()["data"]
+        return bool(workers) and all(w["graphs_pending"] == 0 for w in workers)
 
     @staticmethod
     def wait(ready: Callable[[], Any], limit_s: float = 3600) -> float:

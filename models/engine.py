@@ -272,7 +272,8 @@ class Engine:
         rows = guided + list(samples)
         # Each sample's input scale as one column: one multiply for the batch, the same product per row.
         scale = torch.tensor([s.sampler.input_scale(s.plan, s.step_index) for s in samples], dtype=torch.float32)
-        x = torch.cat([s.x for s in samples]) * scale.to(self.device).view(-1, 1, 1, 1)
+        xs = torch.cat([s.x for s in samples])  # the latents, stacked once for the UNet and the sampler
+        x = xs * scale.to(self.device).view(-1, 1, 1, 1)
         x_in = torch.cat([x[g_idx], x]) if guided else x
         t = torch.tensor([float(s.plan.timesteps[s.step_index]) for s in rows], dtype=torch.float32)
         emb = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
@@ -287,9 +288,9 @@ class Engine:
             g = torch.tensor([s.guidance for s in guided], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1)
             pred = pred.clone()
             pred[g_idx] = uncond_out + g * (pred[g_idx] - uncond_out)
-        self._sampler_updates(samples, pred)
+        self._sampler_updates(samples, xs, pred)
 
-    def _sampler_updates(self, samples: Sequence[Sample], pred: torch.Tensor) -> None:
+    def _sampler_updates(self, samples: Sequence[Sample], xs: torch.Tensor, pred: torch.Tensor) -> None:
         """One sampler update per sample, batched where samples are at the same point of the same plan (a
         request's images): the update is elementwise with coefficients from (plan, step), so one call on the
         stacked rows gives each row exactly what its own call would, at a fraction of the per-call overhead
@@ -308,8 +309,9 @@ class Engine:
                 s0.step_index += 1
                 continue
             state = SamplerState(None if s0.state.prev_x0 is None else torch.cat([s.state.prev_x0 for s in members]))
-            x = s0.sampler.step(s0.plan, s0.step_index, torch.cat([s.x for s in members]), pred[idx], state,
-                                lambda m=members: torch.cat([self._noise(s) for s in m]))
+            everyone = len(idx) == len(samples)  # the usual case: one request's images, no copy to make
+            x = s0.sampler.step(s0.plan, s0.step_index, xs if everyone else xs[idx], pred if everyone else pred[idx],
+                                state, lambda m=members: torch.cat([self._noise(s) for s in m]))
             for k, s in enumerate(members):
                 s.x = x[k : k + 1]
                 s.state.prev_x0 = None if state.prev_x0 is None else state.prev_x0[k : k + 1]
