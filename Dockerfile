@@ -3,7 +3,7 @@
 #   docker build -t diffuserve .                                    # CPU (torch from PyPI)
 #   docker build -t diffuserve:cuda --build-arg EXTRAS=cuda \
 #       --build-arg BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 .   # CUDA workers
-#   docker run -p 8000:8000 diffuserve                              # all in one, bundled 'shapes' model
+#   docker run -p 8000:8000 -v diffuserve-cache:/cache diffuserve   # all in one, bundled 'shapes' model
 #
 # The image holds no weights other than the bundled 'shapes' model: mount a diffusers pipeline directory
 # and point DIFFUSERVE_MODEL at it. Nothing is downloaded at run time.
@@ -35,10 +35,13 @@ COPY models ./models
 COPY server ./server
 COPY workers ./workers
 RUN pip install ".${EXTRAS:+[$EXTRAS]}" && useradd --create-home --uid 10001 diffuserve \
-    && mkdir -p /data && chown diffuserve /data
+    && mkdir -p /data /cache/inductor && chown -R diffuserve /data /cache
 
 USER diffuserve
-ENV DIFFUSERVE_HOST=0.0.0.0 DIFFUSERVE_DATA_DIR=/data
+# Fast-mode workers compile their UNet/VAE graphs in the background into inductor's on-disk cache; keep /cache
+# on a volume (-v diffuserve-cache:/cache) and a restarted container loads them in seconds instead of
+# compiling again (minutes on CPU). Workers sharing the volume take turns compiling (a lock file there).
+ENV DIFFUSERVE_HOST=0.0.0.0 DIFFUSERVE_DATA_DIR=/data TORCHINDUCTOR_CACHE_DIR=/cache/inductor
 EXPOSE 8000 9100
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
     CMD python -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/healthz').status_code != 200)" || exit 1

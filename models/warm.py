@@ -117,8 +117,12 @@ class BackgroundWarmup:
 
 
 def lock_path(model_path: str) -> Path:
+    """Beside inductor's cache when one is configured (a volume that several workers may share), so that
+    workers sharing it take turns compiling and the later ones get cache hits; else in the temp directory."""
     key = hashlib.sha256(str(Path(model_path).resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"diffuserve-warm-{key}.lock"
+    where = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+    return where / f"diffuserve-warm-{key}.lock"
 
 
 def exit_with_parent(parent: int) -> None:
@@ -156,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     engine = Engine(load_pipeline(Path(args.model), device=args.device, dtype=args.dtype), mode="fast")
-    with open(lock_path(args.model), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = lock_path(args.model)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {path}: another process is compiling this model", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # then mostly cache hits
         took = engine.warmup(args.max_batch)
     print(f"built {len(engine.warm_plan(args.max_batch))} graphs in {took:.1f} s", flush=True)
     return 0

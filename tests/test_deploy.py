@@ -55,6 +55,16 @@ def test_compose_commands_and_settings_are_real():
             assert var in known, f"{name} sets {var}, which nothing reads"
     grace = float(services["worker"]["environment"]["DIFFUSERVE_GRACE_S"])
     assert grace < int(services["worker"]["stop_grace_period"].rstrip("s"))
+    for name in ("worker", "worker-gpu"):  # compiled graphs survive a container restart
+        mounts = dict(v.split(":")[::-1] for v in services[name]["volumes"])
+        assert mounts.get(inductor_cache_volume()) in compose["volumes"], name
+
+
+def inductor_cache_volume() -> str:
+    """The image's TORCHINDUCTOR_CACHE_DIR is below this mount point, which must not be the image's own /tmp."""
+    cache = re.search(r"TORCHINDUCTOR_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert cache.startswith("/cache/")
+    return "/cache"
 
 
 def test_dockerfile_default_command_is_real():
@@ -86,6 +96,8 @@ def test_kubernetes_manifests():
         if d["metadata"]["name"] == "diffuserve-worker":
             assert float(config["DIFFUSERVE_GRACE_S"]) < pod["terminationGracePeriodSeconds"]
             assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts[inductor_cache_volume()] in {v["name"] for v in pod["volumes"]}
         if d["metadata"]["name"] == "diffuserve-api":
             probe = pod["containers"][0]["readinessProbe"]["httpGet"]["path"]
             assert probe == "/readyz"

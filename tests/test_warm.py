@@ -104,6 +104,33 @@ def test_a_failed_warmup_process_leaves_the_engine_serving_eager(tiny_model_dir)
         warm.close()
 
 
+def test_workers_sharing_a_compile_cache_take_turns(tiny_model_dir, tmp_path, monkeypatch):
+    """The compile lock lives beside inductor's cache (a volume several containers may share), so a second
+    worker's child waits for the first one's graphs instead of compiling the same ones at the same time."""
+    import fcntl
+
+    from models.engine import Engine
+    from models.loading import load_pipeline
+    from models.warm import BackgroundWarmup, lock_path
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    path = lock_path(str(tiny_model_dir))
+    assert path.parent == tmp_path / "inductor" and path == lock_path(str(tiny_model_dir / "." / "unet" / ".."))
+    assert lock_path(str(tmp_path)) != path  # one lock per model
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "another worker" is compiling this model
+        warm = BackgroundWarmup(Engine(load_pipeline(tiny_model_dir), mode="fast"), 1)
+        try:
+            t_end = time.monotonic() + 120
+            while "waiting for" not in warm.log_path.read_text() and time.monotonic() < t_end:
+                assert warm.proc.poll() is None, warm.log_path.read_text()
+                time.sleep(0.2)
+            assert f"waiting for {path}" in warm.log_path.read_text()
+            assert warm.status() == "compiling" and not warm.poll(idle=True) and warm.pending == 3
+        finally:
+            warm.close()
+
+
 def test_exact_mode_has_no_plan_and_warmup_costs_nothing(engine):
     from models.warm import BackgroundWarmup
 
