@@ -4,8 +4,11 @@
     python bench/engine_vs_stock.py --model models/zoo/shapes --engine-mode exact fast
 
 Both run in this one process on the same inputs, interleaved run by run (so a noisy neighbour hits both
-alike); each figure is the best of --repeats runs after a warm-up (torch.compile's warm-up in fast mode is excluded and printed separately). Prints
-images/s and the ratio engine/stock for every batch size.
+alike), --repeats rounds after a warm-up (torch.compile's warm-up in fast mode is excluded and printed
+separately). Prints, for every batch size, images/s of the best run of each, the ratio engine/stock of those
+bests, and the paired figures: each round's stock time over the engine time of the same round, their median,
+and in how many rounds the engine was faster. On a shared machine one lucky run moves a best-of ratio; the
+median of paired ratios is the steadier figure.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -96,23 +100,29 @@ def main() -> None:
     print(f"model {model_dir.name}: UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M params, "
           f"{args.steps} DDIM steps, CFG {args.guidance}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU threads ({platform.processor() or platform.machine()})")
-    header = f"{'batch':>5} {'stock img/s':>12}" + "".join(f" {m + ' img/s':>12} {m + '/stock':>12}" for m in engines)
+    header = f"{'batch':>5} {'stock img/s':>12}" + "".join(
+        f" {m + ' img/s':>12} {m + '/stock':>12} {'median paired':>13} {'won':>7}" for m in engines)
     print(header + "   outside-UNet ms/batch: stock" + (", exact" if "exact" in engines else ""))
     for b in batches:
         stock(b)
-        best = {"stock": float("inf"), **{m: float("inf") for m in engines}}
+        times: dict[str, list[float]] = {"stock": [], **{m: [] for m in engines}}
         overhead = {m: float("inf") for m in clocks}
         runs = [("stock", lambda b=b: stock(b))] + [(m, lambda e=e, b=b: engine_run(e, b)) for m, e in engines.items()]
-        for _ in range(args.repeats):
-            for m, fn in runs:
+        for r in range(args.repeats):
+            for m, fn in runs if r % 2 == 0 else runs[::-1]:  # alternate who goes first
                 if m in clocks:
                     clocks[m].seconds = 0.0
                 t = timed(fn)
-                best[m] = min(best[m], t)
+                times[m].append(t)
                 if m in clocks:
                     overhead[m] = min(overhead[m], t - clocks[m].seconds)
-        s = best["stock"]
-        row = f"{b:>5} {b / s:>12.2f}" + "".join(f" {b / best[m]:>12.2f} {s / best[m]:>11.2f}x" for m in engines)
+        s = min(times["stock"])
+        row = f"{b:>5} {b / s:>12.2f}"
+        for m in engines:
+            paired = sorted(st / et for st, et in zip(times["stock"], times[m], strict=True))
+            won = sum(p > 1.0 for p in paired)
+            row += (f" {b / min(times[m]):>12.2f} {s / min(times[m]):>11.2f}x {statistics.median(paired):>12.2f}x"
+                    f" {won:>3}/{len(paired):<3}")
         print(row + "   " + ", ".join(f"{overhead[m] * 1000:.0f}" for m in clocks), flush=True)
 
 
