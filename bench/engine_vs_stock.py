@@ -4,7 +4,7 @@
     python bench/engine_vs_stock.py --model models/zoo/shapes --engine-mode exact fast
 
 Both run in this one process on the same inputs, interleaved run by run (so a noisy neighbour hits both
-alike), --repeats rounds after a warm-up (torch.compile's warm-up in fast mode is excluded and printed
+alike), --repeats rounds in rotating orders after a warm-up (torch.compile's warm-up in fast mode is excluded and printed
 separately). Prints, for every batch size, images/s of the best run of each, the ratio engine/stock of those
 bests, and the paired figures: each round's stock time over the engine time of the same round, their median,
 and in how many rounds the engine was faster. On a shared machine one lucky run moves a best-of ratio; the
@@ -14,6 +14,7 @@ median of paired ratios is the steadier figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -108,8 +109,12 @@ def main() -> None:
         times: dict[str, list[float]] = {"stock": [], **{m: [] for m in engines}}
         overhead = {m: float("inf") for m in clocks}
         runs = [("stock", lambda b=b: stock(b))] + [(m, lambda e=e, b=b: engine_run(e, b)) for m, e in engines.items()]
+        # Round r runs them in the r-th of all their orders, so each runs after each other equally often over
+        # a multiple of len(orders) rounds: a compiled (fast) run can leave its OpenMP threads spinning for a
+        # moment and slow whichever eager run comes next.
+        orders = list(itertools.permutations(runs))
         for r in range(args.repeats):
-            for m, fn in runs if r % 2 == 0 else runs[::-1]:  # alternate who goes first
+            for m, fn in orders[r % len(orders)]:
                 if m in clocks:
                     clocks[m].seconds = 0.0
                 t = timed(fn)
