@@ -109,9 +109,8 @@ def main() -> None:
         times: dict[str, list[float]] = {"stock": [], **{m: [] for m in engines}}
         overhead = {m: float("inf") for m in clocks}
         runs = [("stock", lambda b=b: stock(b))] + [(m, lambda e=e, b=b: engine_run(e, b)) for m, e in engines.items()]
-        # Round r runs them in the r-th of all their orders, so each runs after each other equally often over
-        # a multiple of len(orders) rounds: a compiled (fast) run can leave its OpenMP threads spinning for a
-        # moment and slow whichever eager run comes next.
+        # Round r runs them in the r-th of all their orders, so over a multiple of len(orders) rounds each
+        # runs after each other equally often and any effect of what ran just before lands on every side.
         orders = list(itertools.permutations(runs))
         for r in range(args.repeats):
             for m, fn in orders[r % len(orders)]:
