@@ -4,11 +4,11 @@
     python bench/engine_vs_stock.py --model models/zoo/shapes --engine-mode exact fast
 
 Both run in this one process on the same inputs, interleaved run by run (so a noisy neighbour hits both
-alike), --repeats rounds in rotating orders after a warm-up (torch.compile's warm-up in fast mode is excluded and printed
-separately). Prints, for every batch size, images/s of the best run of each, the ratio engine/stock of those
-bests, and the paired figures: each round's stock time over the engine time of the same round, their median,
-and in how many rounds the engine was faster. On a shared machine one lucky run moves a best-of ratio; the
-median of paired ratios is the steadier figure.
+alike), --repeats rounds in rotating orders after a warm-up (torch.compile's warm-up in fast mode is
+excluded and printed separately). Prints, for every batch size, images/s of the best run of each, the
+ratio engine/stock of those bests, and the paired figures: each round's stock time over the engine time of
+the same round, their median, and in how many rounds the engine was faster. On a shared machine one lucky
+run moves a best-of ratio; the median of paired ratios is the steadier figure.
 """
 
 from __future__ import annotations
