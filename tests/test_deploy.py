@@ -61,7 +61,7 @@ def test_compose_commands_and_settings_are_real():
 
 
 def inductor_cache_volume() -> str:
-    """The image's TORCHINDUCTOR_CACHE_DIR is below this mount point, which must not be the image's own /tmp."""
+    """The mount point holding the image's TORCHINDUCTOR_CACHE_DIR (not /tmp, which a new container loses)."""
     cache = re.search(r"TORCHINDUCTOR_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
     assert cache.startswith("/cache/")
     return "/cache"
