@@ -269,12 +269,14 @@ class Engine:
             raise ValueError("step() takes unfinished samples of one group (same size and adapter set)")
         g_idx = [j for j, s in enumerate(samples) if s.uncond is not None]  # rows that also run unconditioned
         guided = [samples[j] for j in g_idx]
+        # Selects the guided rows: a plain slice (a view, no copy) in the usual case where every row is guided.
+        sel: slice | list[int] = slice(None) if len(g_idx) == len(samples) else g_idx
         rows = guided + list(samples)
         # Each sample's input scale as one column: one multiply for the batch, the same product per row.
         scale = torch.tensor([s.sampler.input_scale(s.plan, s.step_index) for s in samples], dtype=torch.float32)
         xs = torch.cat([s.x for s in samples])  # the latents, stacked once for the UNet and the sampler
         x = xs * scale.to(self.device).view(-1, 1, 1, 1)
-        x_in = torch.cat([x[g_idx], x]) if guided else x
+        x_in = torch.cat([x[sel], x]) if guided else x
         t = torch.tensor([float(s.plan.timesteps[s.step_index]) for s in rows], dtype=torch.float32)
         emb = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
         if self.lora_mode == "merge":
@@ -286,8 +288,8 @@ class Engine:
         uncond_out, pred = out[: len(guided)], out[len(guided) :]
         if guided:  # u + g (c - u), each row with its own scale, in one operation
             g = torch.tensor([s.guidance for s in guided], dtype=out.dtype, device=out.device).view(-1, 1, 1, 1)
-            pred = pred.clone()
-            pred[g_idx] = uncond_out + g * (pred[g_idx] - uncond_out)
+            # In place: ``out`` is this call's own tensor, and the write touches only its conditional rows.
+            pred[sel] = uncond_out + g * (pred[sel] - uncond_out)
         self._sampler_updates(samples, xs, pred)
 
     def _sampler_updates(self, samples: Sequence[Sample], xs: torch.Tensor, pred: torch.Tensor) -> None:
