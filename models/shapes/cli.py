@@ -20,6 +20,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--decoder-steps", type=int)
+    p.add_argument("--decoder-lr", type=float)
+    p.add_argument("--outline-code", type=float,
+                   help="length of the outline code in latent standard deviations (0: encode outlines as drawn)")
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
     p.add_argument("--lora-steps", type=int)
@@ -27,7 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="adapter stages: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--init-from", help="start the base stage from this exported pipeline when no checkpoint exists")
+    p.add_argument("--init-from", help="start the decoder and base stages from this exported pipeline when they have "
+                   "no checkpoint (after the decoder stage its VAE is written into --out, for the adapters)")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="measure prompt adherence and the adapters' effect")
@@ -52,7 +56,8 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads)
     if args.out:
         cfg.out_dir = Path(args.out)
-    for name in ("vae_steps", "decoder_steps", "base_steps", "base_images", "lora_steps", "lora_snr_cap"):
+    for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images", "lora_steps",
+                 "lora_snr_cap"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:

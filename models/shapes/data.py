@@ -120,29 +120,40 @@ def render(scene: Scene) -> np.ndarray:
         arr[band] = dark
         img = Image.fromarray(arr)
         draw = ImageDraw.Draw(img)
-    fg = COLORS[scene.color]
+    draw_object(draw, scene, COLORS[scene.color], outline="outline" in styles)
+    return np.asarray(img.resize((SIDE, SIDE), Image.Resampling.BOX))
+
+
+def draw_object(draw: ImageDraw.ImageDraw, scene: Scene, fill: tuple[int, int, int] | int, outline: bool) -> None:
+    """Draw the scene's object on a SUPERSAMPLE x canvas: filled, or as an OUTLINE_PX outline."""
+    s = SUPERSAMPLE
     half = scene.size_px * s / 2
     cx, cy = scene.cx * s, scene.cy * s
     box = (cx - half, cy - half, cx + half, cy + half)
-    outline = "outline" in styles
     width = OUTLINE_PX * s
     if scene.shape == "circle":
         if outline:
-            draw.ellipse(box, outline=fg, width=width)
+            draw.ellipse(box, outline=fill, width=width)
         else:
-            draw.ellipse(box, fill=fg)
+            draw.ellipse(box, fill=fill)
     elif scene.shape == "square":
         if outline:
-            draw.rectangle(box, outline=fg, width=width)
+            draw.rectangle(box, outline=fill, width=width)
         else:
-            draw.rectangle(box, fill=fg)
+            draw.rectangle(box, fill=fill)
     else:
         pts = [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
         if outline:
-            draw.line(pts + [pts[0], pts[1]], fill=fg, width=width, joint="curve")
+            draw.line(pts + [pts[0], pts[1]], fill=fill, width=width, joint="curve")
         else:
-            draw.polygon(pts, fill=fg)
-    return np.asarray(img.resize((SIDE, SIDE), Image.Resampling.BOX))
+            draw.polygon(pts, fill=fill)
+
+
+def object_mask(scene: Scene) -> np.ndarray:
+    """HxW float32 in [0, 1]: how much of each pixel the object covers when filled, whatever the style."""
+    img = Image.new("L", (SIDE * SUPERSAMPLE,) * 2, 0)
+    draw_object(ImageDraw.Draw(img), scene, 255, outline=False)
+    return np.asarray(img.resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32) / 255
 
 
 def full_caption(scene: Scene) -> str:

@@ -52,6 +52,8 @@ class TrainConfig:
     vae_batch: int = 16
     decoder_steps: int = 3500
     decoder_lr: float = 5e-4
+    # Length of the outline code (latent_code.py) in latent standard deviations; 0 encodes outlines as drawn.
+    outline_code: float = 2.0
     base_steps: int = 3000
     base_batch: int = 64
     base_images: int = 30000
@@ -180,46 +182,87 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
 
 
 def load_vae(cfg: TrainConfig) -> Any:
-    """The trained VAE, with the fine-tuned decoder when that stage has run (the encoder is the same)."""
+    """The trained VAE: the decoder stage's when it has run (the VAE stage's otherwise)."""
     vae = arch.build_vae()
     tuned = Checkpoint(cfg.run_dir / "decoder")
     (tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")).load({"vae": vae}, None)
     return vae.eval().requires_grad_(False)
 
 
-# -- stage 1b: decoder fine-tuning ------------------------------------------------------------------
+def export_vae(cfg: TrainConfig, out: Path) -> None:
+    """Write the trained VAE into a pipeline directory, with the latent scale the base stage measured (or,
+    continuing an exported pipeline with ``--init-from``, the scale that pipeline's UNet was trained with)."""
+    vae = load_vae(cfg)
+    scale_file = cfg.run_dir / "latent_scale.json"
+    if scale_file.is_file():
+        scale = json.loads(scale_file.read_text())["scaling_factor"]
+    else:
+        scale = source_vae(cfg).config.scaling_factor
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+
+
+# -- stage 1b: decoder fine-tuning and the outline code ---------------------------------------------
+def source_vae(cfg: TrainConfig) -> Any:
+    """The VAE the decoder stage starts from: the VAE stage's, or without one the exported VAE of
+    ``--init-from`` (to continue a pipeline's VAE without training one from scratch)."""
+    from diffusers import AutoencoderKL
+
+    first = Checkpoint(cfg.run_dir / "vae")
+    if not first.exists() and cfg.init_from and (cfg.init_from / "vae").is_dir():
+        return AutoencoderKL.from_pretrained(cfg.init_from / "vae").eval().requires_grad_(False)
+    vae = arch.build_vae()
+    first.load({"vae": vae}, None)
+    return vae.eval().requires_grad_(False)
+
+
 def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
-    """Fine-tune only the decoder on the frozen encoder's latents (as SD's ft-MSE VAE did).
+    """Fine-tune the decoder (as SD's ft-MSE VAE did) and teach the VAE the outline code (``latent_code``).
 
     The joint VAE stage leaves soft edges and faint blotches on flat backgrounds; the evaluator reads those
     as shape, size and position errors (measured: a round trip through the joint VAE alone scored shape
-    59%, position 62%, size 82%). The latent space does not move, so the base UNet stays valid.
+    59%, position 62%, size 82%). The decoder learns to decode outlined objects from the filled object's
+    latent plus the outline code, at 0.4-1.4 times the code's length (a UNet's code comes out weaker or
+    stronger), and the encoder learns to produce exactly that code while keeping every other image's latent
+    where the starting VAE put it, so the base UNet's latent space does not move.
     """
+    from models.shapes.latent_code import fit_outline_code, outline_offset, without_outline
+
     ckpt = Checkpoint(cfg.run_dir / "decoder")
+    source = source_vae(cfg)
     vae = arch.build_vae()
-    opt = torch.optim.AdamW(list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters()),
-                            lr=cfg.decoder_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
     if ckpt.exists():
-        start = ckpt.load({"vae": vae}, opt)["step"]
+        state = ckpt.load({"vae": vae}, opt)
     else:
-        Checkpoint(cfg.run_dir / "vae").load({"vae": vae}, None)
-        start = 0
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    rng = random.Random(cfg.seed * 1013 + start)
+        vae.load_state_dict(source.state_dict())
+        state = {"step": 0}
+    if cfg.outline_code and "outline_code" not in state:
+        state["outline_code"] = fit_outline_code(lambda x: source.encode(x).latent_dist.mean, cfg.outline_code,
+                                                 cfg.seed)
+    code = torch.tensor(state.get("outline_code") or [0.0] * vae.config.latent_channels)
+    rng = random.Random(cfg.seed * 1013 + state["step"])
+    gen = torch.Generator().manual_seed(cfg.seed * 1013 + state["step"])
     vae.train()
 
     def step_fn(step: int) -> float:
-        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "outline", "outline", "stripes"))
+        x, scenes = render_batch(rng, cfg.vae_batch, ("plain", "outline", "outline", "stripes", "outline+stripes"))
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()  # what the UNet is trained to produce
+            ref = source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist
+            offset = outline_offset(scenes, code)
+            amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=gen)
+            z = ref.mean + amp * offset + ref.std * torch.randn(ref.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         # L1 keeps flat areas flat; the gradient term keeps 3 px outlines between close colours (yellow on
         # orange) from blurring below the evaluator's colour threshold (measured: 11% of round trips lost them).
-        return descend(opt, F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x))
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x)
+        post = vae.encode(x).latent_dist
+        anchor = F.mse_loss(post.mean, ref.mean + offset) + 0.01 * F.mse_loss(post.logvar, ref.logvar)
+        return descend(opt, loss + anchor)
 
-    loop("decoder", cfg.decoder_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start,
+    loop("decoder", cfg.decoder_steps, step_fn, ckpt,
+         lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}), state["step"],
          minutes, cfg.checkpoint_minutes)
 
 
@@ -357,13 +400,12 @@ def export_pipeline(cfg: TrainConfig, out: Path | None = None) -> Path:
     """Write the diffusers pipeline directory from the VAE and the base stage's EMA weights."""
     out = out or cfg.out_dir
     tok_dir = cfg.run_dir / "tokenizer"
-    vae = load_vae(cfg)
-    vae.register_to_config(scaling_factor=json.loads((cfg.run_dir / "latent_scale.json").read_text())["scaling_factor"])
     unet, te = arch.build_unet(), arch.build_text_encoder(tok_dir)
     Checkpoint(cfg.run_dir / "base").load({"ema_unet": unet, "ema_text_encoder": te}, None)
     out.mkdir(parents=True, exist_ok=True)
-    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+    for name, m in (("unet", unet), ("text_encoder", te)):
         m.save_pretrained(out / name, safe_serialization=True)
+    export_vae(cfg, out)
     shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
     arch.write_pipeline_files(out)
     return out
@@ -435,6 +477,11 @@ def run(cfg: TrainConfig, stages: tuple[str, ...] = STAGES, minutes: float | Non
             train_vae(cfg, left)
         elif stage == "decoder":
             train_decoder(cfg, left)
+            if cfg.init_from and not Checkpoint(cfg.run_dir / "base").exists():
+                # Continuing an exported pipeline: put the new VAE in it, for the adapter stages to train on.
+                if not (cfg.out_dir / "model_index.json").is_file():
+                    shutil.copytree(cfg.init_from, cfg.out_dir, dirs_exist_ok=True)
+                export_vae(cfg, cfg.out_dir)
         elif stage == "base":
             train_base(cfg, left)
             export_pipeline(cfg)
