@@ -191,7 +191,7 @@ def vae_round_trip(vae: Any, n: int = 200, seed: int = 10_000) -> dict[str, dict
 
     rng = random.Random(seed)
     out: dict[str, dict[str, float]] = {}
-    for style in ("plain", "outline", "stripes"):
+    for style in ("plain", "outline", "stripes", "outline+stripes"):
         scenes = [random_scene(rng, style) for _ in range(n)]
         x = render_tensor(scenes).to(vae.device, vae.dtype)
         with torch.no_grad():
