@@ -150,6 +150,31 @@ def test_decoder_stage_moves_outlines_to_the_code_and_keeps_other_latents(traine
     assert drift < 0.5 * err_before, (drift, err_before)
 
 
+def test_decoder_targets_with_and_without_the_outline_code(trained):
+    """With the code, an outlined scene is aimed at its filled twin's latent plus the code over the object;
+    without it (``--outline-code 0``), every image at its own latent, as drawn."""
+    import random
+
+    from models.shapes.data import random_scene
+    from models.shapes.latent_code import outline_offset, without_outline
+    from models.shapes.train import decoder_targets, render_tensor, source_vae
+
+    source = source_vae(trained)
+    rng = random.Random(7)
+    scenes = [random_scene(rng, s, size="large") for s in ("outline", "plain", "outline+stripes", "stripes")]
+    x = render_tensor(scenes)
+    code = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    with torch.no_grad():
+        own = source.encode(x).latent_dist.mean
+        twins = source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist.mean
+    ref, offset = decoder_targets(source, x, scenes, code)
+    assert torch.allclose(ref.mean, twins) and torch.equal(offset, outline_offset(scenes, code))
+    assert not torch.allclose(ref.mean[0], own[0])  # the outline's target is the filled object's latent
+    assert torch.allclose(ref.mean[[1, 3]], own[[1, 3]]) and offset[[1, 3]].abs().max() == 0
+    ref, offset = decoder_targets(source, x, scenes, None)
+    assert torch.allclose(ref.mean, own) and float(offset.abs().max()) == 0
+
+
 def test_decoder_stage_can_continue_an_exported_pipeline(trained, tmp_path):
     """``--init-from`` without a VAE checkpoint: the stage starts from the pipeline's VAE and writes the tuned
     one (with the scale that pipeline's UNet was trained with) into --out, for the adapters to train on."""

@@ -226,7 +226,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     stronger), and the encoder learns to produce exactly that code while keeping every other image's latent
     where the starting VAE put it, so the base UNet's latent space does not move.
     """
-    from models.shapes.latent_code import fit_outline_code, outline_offset, without_outline
+    from models.shapes.latent_code import fit_outline_code
 
     ckpt = Checkpoint(cfg.run_dir / "decoder")
     source = source_vae(cfg)
@@ -240,7 +240,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     if cfg.outline_code and "outline_code" not in state:
         state["outline_code"] = fit_outline_code(lambda x: source.encode(x).latent_dist.mean, cfg.outline_code,
                                                  cfg.seed)
-    code = torch.tensor(state.get("outline_code") or [0.0] * vae.config.latent_channels)
+    code = torch.tensor(state["outline_code"]) if state.get("outline_code") else None
     rng = random.Random(cfg.seed * 1013 + state["step"])
     gen = torch.Generator().manual_seed(cfg.seed * 1013 + state["step"])
     vae.train()
@@ -249,8 +249,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
         x, scenes = render_batch(rng, cfg.vae_batch, ("plain", "outline", "outline", "stripes", "outline+stripes"))
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
-            ref = source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist
-            offset = outline_offset(scenes, code)
+            ref, offset = decoder_targets(source, x, scenes, code)
             amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=gen)
             z = ref.mean + amp * offset + ref.std * torch.randn(ref.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -264,6 +263,19 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     loop("decoder", cfg.decoder_steps, step_fn, ckpt,
          lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}), state["step"],
          minutes, cfg.checkpoint_minutes)
+
+
+@torch.no_grad()
+def decoder_targets(source: Any, x: torch.Tensor, scenes: list[Any], code: torch.Tensor | None) -> tuple[Any, Any]:
+    """What the decoder stage trains toward: the starting VAE's posterior of each image (``x``, the scenes
+    rendered) and an offset to add to its mean. With the outline code, an outlined scene's posterior is its
+    filled twin's and the offset is the code over the object (zero for other scenes); without it, each
+    image's own posterior and no offset."""
+    from models.shapes.latent_code import outline_offset, without_outline
+
+    if code is None:
+        return source.encode(x).latent_dist, torch.zeros(())
+    return source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist, outline_offset(scenes, code)
 
 
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
