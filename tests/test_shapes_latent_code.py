@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from models.shapes.data import COLORS, object_mask, random_scene, render
 from models.shapes.latent_code import fit_outline_code, latent_masks, outline_offset, without_outline
+from models.shapes.train import render_tensor
 
 
 def test_object_mask_is_the_filled_object_whatever_the_style():
@@ -62,7 +63,6 @@ def test_fit_outline_code_picks_the_direction_colours_leave_unused():
 
     code = torch.tensor(fit_outline_code(encode_mean, strength=2.0, seed=0, n=128))
     rng = random.Random(0)
-    z = torch.cat([encode_mean(torch.from_numpy(np.stack([render(random_scene(rng)) for _ in range(128)]))
-                               .permute(0, 3, 1, 2).float() / 127.5 - 1)])
+    z = encode_mean(render_tensor([random_scene(rng) for _ in range(128)]))
     assert code[:3].abs().max() < 1e-4 * code.abs().max()
     assert code.norm().item() == pytest.approx(2.0 * z.std().item(), rel=1e-4)

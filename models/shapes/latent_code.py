@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.shapes.architecture import VAE_CONFIG
 from models.shapes.data import COLORS, object_mask, random_scene
 
-FACTOR = 4  # the VAE's downsampling factor (architecture.VAE_CONFIG: three levels)
+FACTOR = 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)  # the VAE's downsampling, as LoadedModel.vae_scale_factor
 
 
 def without_outline(scene: Any) -> Any:

@@ -194,11 +194,9 @@ def export_vae(cfg: TrainConfig, out: Path) -> None:
     continuing an exported pipeline with ``--init-from``, the scale that pipeline's UNet was trained with)."""
     vae = load_vae(cfg)
     scale_file = cfg.run_dir / "latent_scale.json"
-    if scale_file.is_file():
-        scale = json.loads(scale_file.read_text())["scaling_factor"]
-    else:
-        scale = source_vae(cfg).config.scaling_factor
-    vae.register_to_config(scaling_factor=scale)
+    if not scale_file.is_file() and cfg.init_from:
+        scale_file = cfg.init_from / "vae" / "config.json"
+    vae.register_to_config(scaling_factor=json.loads(scale_file.read_text())["scaling_factor"])
     vae.save_pretrained(out / "vae", safe_serialization=True)
 
 
