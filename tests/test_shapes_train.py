@@ -69,6 +69,68 @@ def test_lora_stage_writes_a_diffusers_lora(trained):
     assert np.isfinite(styled.images[0]).all()
 
 
+def test_merged_adapter_adds_a_trained_lora_as_stock_diffusers_does(trained, tmp_path):
+    """The outline stage's pair steps: a stripes adapter merged into the frozen weights of a UNet that PEFT
+    wraps for the outline adapter gives what stock diffusers gives with that adapter loaded, and leaving the
+    context restores the weights exactly."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from models.loading import load_pipeline
+    from models.shapes import architecture as arch
+    from models.shapes.train import MergedAdapter
+
+    out = export_pipeline(trained)
+    if not (out / "loras" / "stripes.safetensors").is_file():
+        train_lora(trained, "stripes")
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in load_file(out / "loras" / "stripes.safetensors").items()}
+    save_file(sd, tmp_path / "stripes.safetensors")  # a trained-looking adapter: the few-step one is nearly zero
+
+    unet = load_pipeline(out, device="cpu").unet
+    unet.add_adapter(LoraConfig(r=arch.LORA_RANK, lora_alpha=arch.LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=list(arch.LORA_TARGETS)))  # B = 0: adds nothing yet
+    merged = MergedAdapter(unet, tmp_path / "stripes.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path), weight_name="stripes.safetensors")
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.tensor([500, 20])
+    c = torch.randn(2, 8, 128, generator=gen)
+    with torch.no_grad():
+        plain = unet(x, t, c).sample
+        with merged.on():
+            both = unet(x, t, c).sample
+        stock = pipe.unet(x, t, c).sample
+        after = unet(x, t, c).sample
+    assert (both - plain).abs().max() > 1e-2
+    assert torch.allclose(both, stock, atol=1e-4), (both - stock).abs().max()
+    assert torch.equal(after, plain)
+
+
+def test_outline_stage_trains_part_of_its_steps_with_the_stripes_adapter(trained, tmp_path):
+    pytest.importorskip("peft")
+    from unittest import mock
+
+    from models.shapes import train
+
+    export_pipeline(trained)
+    if not (trained.out_dir / "loras" / "stripes.safetensors").is_file():
+        train_lora(trained, "stripes")
+    cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run7", "lora_steps": 4, "lora_pairs": 0.5})
+    entered = []
+    real_on = train.MergedAdapter.on
+
+    def on(self):
+        entered.append(True)
+        return real_on(self)
+
+    with mock.patch.object(train.MergedAdapter, "on", on):
+        path = train_lora(cfg, "outline")
+    assert path.is_file() and len(entered) == 2  # steps 1 and 3 of 4
+
+
 def test_base_stage_can_start_from_an_exported_pipeline(trained, tmp_path):
     from safetensors.torch import load_file
 
@@ -192,6 +254,55 @@ def test_decoder_stage_can_continue_an_exported_pipeline(trained, tmp_path):
     assert any(not torch.equal(written[k], start[k]) for k in start)
     scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((cfg.out_dir / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(scale)
+    # The code the VAE was taught is written beside it, and a decoder stage continuing that pipeline keeps it.
+    code = json.loads((cfg.run_dir / "decoder" / "state.json").read_text())["outline_code"]
+    assert json.loads((cfg.out_dir / "vae" / "outline_code.json").read_text()) == {"outline_code": code}
+    again = TrainConfig(run_dir=tmp_path / "run6", out_dir=tmp_path / "out6", vae_batch=4, decoder_steps=1,
+                        init_from=cfg.out_dir, checkpoint_minutes=60, seed=5)
+    run(again, ("decoder",))
+    assert json.loads((again.run_dir / "decoder" / "state.json").read_text())["outline_code"] == code
+
+
+def test_grow_vae_starts_as_the_same_function():
+    """A VAE with fewer resnets per block grown into VAE_CONFIG's: the new resnets start as the identity, so
+    encode and decode give what the source gave; a VAE of another width is refused."""
+    import random
+
+    from diffusers import AutoencoderKL
+
+    from models.shapes import architecture as arch
+    from models.shapes.train import grow_vae, render_batch
+
+    torch.manual_seed(0)
+    small = AutoencoderKL(**dict(arch.VAE_CONFIG, layers_per_block=arch.VAE_CONFIG["layers_per_block"] - 1)).eval()
+    grown = arch.build_vae().eval()
+    grow_vae(grown, small)
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
+    x, _ = render_batch(random.Random(0), 4, ("plain", "outline+stripes"))
+    with torch.no_grad():
+        z = small.encode(x).latent_dist.mean
+        assert torch.allclose(grown.encode(x).latent_dist.mean, z, atol=1e-5)
+        assert torch.allclose(grown.decode(z).sample, small.decode(z).sample, atol=1e-5)
+    narrow = AutoencoderKL(**dict(arch.VAE_CONFIG, block_out_channels=(16, 16, 32), norm_num_groups=8))
+    with pytest.raises((ValueError, RuntimeError)):
+        grow_vae(arch.build_vae(), narrow)
+
+
+def test_object_weight_favours_pixels_near_the_object():
+    import random
+
+    from models.shapes.data import random_scene
+    from models.shapes.latent_code import object_masks
+    from models.shapes.train import object_weight
+
+    rng = random.Random(3)
+    scenes = [random_scene(rng, "outline", size=size) for size in ("small", "large")]
+    w = object_weight(scenes, 3.0)
+    assert w.shape == (2, 1, 64, 64) and torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    inside = object_masks(scenes) > 0.5
+    for i in range(2):
+        assert w[i][inside[i]].min() > 2 * w[i][~inside[i]].min()
+    assert float(object_weight(scenes, 0.0).std()) == 0.0
 
 
 def test_edge_loss_penalises_a_blurred_outline_more_than_a_colour_offset():

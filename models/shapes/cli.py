@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-STAGES = ("vae", "decoder", "base", "outline", "stripes")  # models.shapes.train.STAGES, without importing torch here
+STAGES = ("vae", "decoder", "base", "stripes", "outline")  # models.shapes.train.STAGES, without importing torch here
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-steps", type=int)
     p.add_argument("--lora-snr-cap", type=float,
                    help="adapter stages: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
+    p.add_argument("--lora-pairs", type=float,
+                   help="fraction of the outline stage's steps on outline+stripes with the stripes adapter on")
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init-from", help="start the decoder and base stages from this exported pipeline when they have "
@@ -57,7 +59,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images", "lora_steps",
-                 "lora_snr_cap"):
+                 "lora_snr_cap", "lora_pairs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:

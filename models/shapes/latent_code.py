@@ -38,10 +38,14 @@ def is_outlined(scenes: list[Any]) -> torch.Tensor:
     return torch.tensor([float("outline" in s.style.split("+")) for s in scenes]).view(-1, 1, 1, 1)
 
 
+def object_masks(scenes: list[Any]) -> torch.Tensor:
+    """N x 1 x 64 x 64: how much of each pixel the (filled) object covers."""
+    return torch.from_numpy(np.stack([object_mask(s) for s in scenes]))[:, None]
+
+
 def latent_masks(scenes: list[Any]) -> torch.Tensor:
     """N x 1 x 16 x 16: the fraction of each latent pixel's 4x4 patch the (filled) object covers."""
-    m = torch.from_numpy(np.stack([object_mask(s) for s in scenes]))[:, None]
-    return F.avg_pool2d(m, FACTOR)
+    return F.avg_pool2d(object_masks(scenes), FACTOR)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ of the weights is what gets exported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -40,7 +41,13 @@ from models.shapes import architecture as arch
 from models.shapes.data import caption, random_scene, render
 
 log = logging.getLogger(__name__)
-STAGES = ("vae", "decoder", "base", "outline", "stripes")
+# Stripes before outline: the outline stage trains part of its steps with the stripes adapter on (train_lora).
+STAGES = ("vae", "decoder", "base", "stripes", "outline")
+LORA_DATA_SEEDS = {"outline": 5, "stripes": 6}  # seed offsets of each adapter's data (as before the reorder)
+# Outlines on stripes are the hardest images to decode (a 3 px line across an 8 px texture), so they get a
+# third of the decoder stage's batches.
+DECODER_STYLES = ("plain", "outline", "outline", "stripes", "outline+stripes", "outline+stripes")
+CODE_FILE = "outline_code.json"  # beside an exported VAE: the code it was taught, for a later decoder stage
 
 
 @dataclass
@@ -54,6 +61,7 @@ class TrainConfig:
     decoder_lr: float = 5e-4
     # Length of the outline code (latent_code.py) in latent standard deviations; 0 encodes outlines as drawn.
     outline_code: float = 2.0
+    decoder_object_weight: float = 3.0  # extra loss weight near the object (object_weight)
     base_steps: int = 3000
     base_batch: int = 64
     base_images: int = 30000
@@ -65,6 +73,9 @@ class TrainConfig:
     # adapter, whose 3 px lines are drawn at the nearly clean steps that cap 5 weighs down: it was worse.)
     snr_cap: float = 5.0
     lora_snr_cap: float = 5.0
+    # Fraction of the outline stage's steps on outlined striped images with the stripes adapter merged in,
+    # so that the two adapters compose (each trained alone, outline + stripes showed both in 66%).
+    lora_pairs: float = 0.5
     ema: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_minutes: float = 3.0
@@ -198,6 +209,11 @@ def export_vae(cfg: TrainConfig, out: Path) -> None:
         scale_file = cfg.init_from / "vae" / "config.json"
     vae.register_to_config(scaling_factor=json.loads(scale_file.read_text())["scaling_factor"])
     vae.save_pretrained(out / "vae", safe_serialization=True)
+    tuned = Checkpoint(cfg.run_dir / "decoder")
+    code = json.loads((tuned.dir / "state.json").read_text()).get("outline_code") if tuned.exists() else None
+    (out / "vae" / CODE_FILE).unlink(missing_ok=True)
+    if code:
+        (out / "vae" / CODE_FILE).write_text(json.dumps({"outline_code": code}))
 
 
 # -- stage 1b: decoder fine-tuning and the outline code ---------------------------------------------
@@ -222,7 +238,9 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     59%, position 62%, size 82%). The decoder learns to decode outlined objects from the filled object's
     latent plus the outline code, at 0.4-1.4 times the code's length (a UNet's code comes out weaker or
     stronger), and the encoder learns to produce exactly that code while keeping every other image's latent
-    where the starting VAE put it, so the base UNet's latent space does not move.
+    where the starting VAE put it, so the base UNet's latent space does not move. A starting VAE with fewer
+    resnets per block than ``VAE_CONFIG`` is grown (``grow_vae``); pixels near the object weigh more
+    (``object_weight``).
     """
     from models.shapes.latent_code import fit_outline_code
 
@@ -233,27 +251,29 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     if ckpt.exists():
         state = ckpt.load({"vae": vae}, opt)
     else:
-        vae.load_state_dict(source.state_dict())
+        grow_vae(vae, source)
         state = {"step": 0}
     if cfg.outline_code and "outline_code" not in state:
-        state["outline_code"] = fit_outline_code(lambda x: source.encode(x).latent_dist.mean, cfg.outline_code,
-                                                 cfg.seed)
+        state["outline_code"] = inherited_code(cfg) or fit_outline_code(
+            lambda x: source.encode(x).latent_dist.mean, cfg.outline_code, cfg.seed)
     code = torch.tensor(state["outline_code"]) if state.get("outline_code") else None
     rng = random.Random(cfg.seed * 1013 + state["step"])
     gen = torch.Generator().manual_seed(cfg.seed * 1013 + state["step"])
     vae.train()
 
     def step_fn(step: int) -> float:
-        x, scenes = render_batch(rng, cfg.vae_batch, ("plain", "outline", "outline", "stripes", "outline+stripes"))
+        x, scenes = render_batch(rng, cfg.vae_batch, DECODER_STYLES)
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
             ref, offset = decoder_targets(source, x, scenes, code)
             amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=gen)
             z = ref.mean + amp * offset + ref.std * torch.randn(ref.mean.shape, generator=gen)
+            weight = object_weight(scenes, cfg.decoder_object_weight)
         rec = vae.decode(z).sample
         # L1 keeps flat areas flat; the gradient term keeps 3 px outlines between close colours (yellow on
         # orange) from blurring below the evaluator's colour threshold (measured: 11% of round trips lost them).
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x)
+        err = rec - x
+        loss = (weight * (err.abs() + err**2)).mean() + edge_loss(rec, x)
         post = vae.encode(x).latent_dist
         anchor = F.mse_loss(post.mean, ref.mean + offset) + 0.01 * F.mse_loss(post.logvar, ref.logvar)
         return descend(opt, loss + anchor)
@@ -261,6 +281,38 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     loop("decoder", cfg.decoder_steps, step_fn, ckpt,
          lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}), state["step"],
          minutes, cfg.checkpoint_minutes)
+
+
+def grow_vae(vae: Any, source: Any) -> None:
+    """Load ``source``'s weights into ``vae``, which may have more resnets per block (a deeper
+    ``VAE_CONFIG``). A resnet block is x + conv2(...), so each new one starts with conv2 at zero: the identity,
+    and the grown VAE computes exactly what the source did until training uses the new capacity."""
+    missing, unexpected = vae.load_state_dict(source.state_dict(), strict=False)
+    new = {k.rsplit(".", 2)[0] for k in missing}
+    if unexpected or any(".resnets." not in k for k in new):
+        raise ValueError(f"cannot grow this VAE: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    with torch.no_grad():
+        for block in new:
+            conv2 = vae.get_submodule(block).conv2
+            conv2.weight.zero_()
+            conv2.bias.zero_()
+
+
+def inherited_code(cfg: TrainConfig) -> list[float] | None:
+    """The outline code of the ``--init-from`` pipeline's VAE, if it was taught one: a continued decoder stage
+    keeps it (a code fitted again would differ a little, and that pipeline's outline adapter draws the old one)."""
+    f = cfg.init_from / "vae" / CODE_FILE if cfg.init_from else None
+    return json.loads(f.read_text())["outline_code"] if f and f.is_file() else None
+
+
+def object_weight(scenes: list[Any], extra: float) -> torch.Tensor:
+    """N x 1 x H x W pixel weights averaging 1: ``1 + extra`` within 3 px of the object, 1 elsewhere. The flat
+    background is most of each image and easy; a small object's outline is a few dozen pixels."""
+    from models.shapes.latent_code import object_masks
+
+    near = F.max_pool2d(object_masks(scenes), 7, stride=1, padding=3)
+    w = 1 + extra * near
+    return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
 @torch.no_grad()
@@ -438,16 +490,27 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     ckpt = Checkpoint(cfg.run_dir / f"lora_{style}")
     lora_module = _ParamBag(unet)
     state = ckpt.load({"lora": lora_module}, opt) if ckpt.exists() else {"step": 0}
-    mean, std, scenes = encode_dataset(vae, cfg.lora_batch * 200, cfg.seed + 2 + STAGES.index(style), style)
+    data_seed = cfg.seed + LORA_DATA_SEEDS[style]
+    data = {style: encode_dataset(vae, cfg.lora_batch * 200, data_seed, style)}
+    partner = cfg.out_dir / "loras" / "stripes.safetensors"
+    merged = None
+    if style == "outline" and cfg.lora_pairs > 0 and partner.is_file():
+        data["pair"] = encode_dataset(vae, cfg.lora_batch * 200, data_seed + 100, "outline+stripes")
+        merged = MergedAdapter(unet, partner)
+    if style == "outline":
+        log.info("outline stage: %s", f"{cfg.lora_pairs:.0%} of steps with {partner} on" if merged else "no pair steps")
     scale = vae.config.scaling_factor
     job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], cfg.lora_snr_cap)
     unet.train()
 
     def step_fn(step: int) -> float:
         set_lr(opt, cfg.lora_lr, step, 50, cfg.lora_steps)
+        pair = merged is not None and int((step + 1) * cfg.lora_pairs) > int(step * cfg.lora_pairs)
+        mean, std, scenes = data["pair" if pair else style]
         idx = torch.randint(0, len(scenes), (cfg.lora_batch,), generator=job.gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
-        return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
+        with merged.on() if pair else contextlib.nullcontext():
+            return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
 
     loop(f"lora {style}", cfg.lora_steps, step_fn, ckpt, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
          state["step"], minutes, cfg.checkpoint_minutes)
@@ -456,6 +519,33 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
         cfg.out_dir / "loras", unet_lora_layers=get_peft_model_state_dict(unet), weight_name=f"{style}.safetensors"
     )
     return cfg.out_dir / "loras" / f"{style}.safetensors"
+
+
+class MergedAdapter:
+    """A trained LoRA adapter (a diffusers-format file), added into the frozen base weights of a UNet that
+    PEFT has wrapped for training another adapter, and taken out again: ``with merged.on(): ...``. Same sum
+    as serving both (W + B_1 A_1 + B_2 A_2, models/lora.py)."""
+
+    def __init__(self, unet: torch.nn.Module, path: Path) -> None:
+        from models.lora import LoraRegistry, parse_state_dict
+
+        base = {n.removesuffix(".base_layer"): m for n, m in unet.named_modules() if hasattr(m, "weight")}
+        sd, metadata = LoraRegistry(path.parent).read(path.stem)
+        adapter = parse_state_dict(path.stem, sd, metadata, {"unet": set(base), "text_encoder": set()})
+        self.weights = [(base[name].weight, layer.delta(base[name].weight.shape)) for name, layer in adapter.unet.items()]
+
+    @contextlib.contextmanager
+    def on(self):
+        pristine = [w.detach().clone() for w, _ in self.weights]
+        with torch.no_grad():
+            for w, delta in self.weights:
+                w.add_(delta)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (w, _), p in zip(self.weights, pristine, strict=True):
+                    w.copy_(p)
 
 
 class _ParamBag(torch.nn.Module):
