@@ -113,8 +113,9 @@ def test_vae_round_trip_is_the_ceiling_and_keeps_the_styles(shapes_engine):
     assert set(rt) == {"plain", "outline", "stripes", "outline+stripes"}
     assert rt["plain"]["background"] >= 0.9 and rt["plain"]["position"] >= 0.9, rt
     assert rt["plain"]["outline"] <= 0.1 and rt["plain"]["stripes"] <= 0.1, rt
-    assert rt["outline"]["outline"] >= 0.7 and rt["stripes"]["stripes"] >= 0.9, rt
-    assert rt["outline+stripes"]["outline"] >= 0.5 and rt["outline+stripes"]["stripes"] >= 0.9, rt
+    # These 16 renders: outline 100%, outline on stripes 93.75% (the previous, shallower decoder: ~79% of 200).
+    assert rt["outline"]["outline"] >= 0.85 and rt["stripes"]["stripes"] >= 0.9, rt
+    assert rt["outline+stripes"]["outline"] >= 0.8 and rt["outline+stripes"]["stripes"] >= 0.9, rt
     assert "VAE round trip, outline" in format_report({"n": 16, "vae_round_trip": rt})
 
 
@@ -130,16 +131,15 @@ def test_card_pictures(shapes_engine, tmp_path):
 
 
 def test_adapters_show_their_style_only_when_on(shapes_engine):
-    """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 81% at scale 0 / 1,
-    stripes 3 / 98%, both 66%; these 16: outline 0 / 75%, stripes 0 / 100%, both 62.5%): each adapter's
-    style appears far more often at scale 1 than at 0, and the pair shows both in well over a third (the
-    weights before the outline code: outline 49%, both 20% on the 100)."""
+    """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 93% at scale 0 / 1,
+    stripes 3 / 98%, both 82%; these 16: outline 0 / 93.75%, stripes 0 / 100%, both 87.5%), with room for
+    two misses more (the link 9 weights gave 75% and 62.5% on these 16, and would fail)."""
     from models.shapes.evaluate import adapter_effect, held_out_scenes
 
     eff = adapter_effect(shapes_engine, held_out_scenes(16), 10_000, None, 16)
     assert eff["stripes@1"] >= 0.75 and eff["stripes@0"] <= 0.15, eff
-    assert eff["outline@1"] >= 0.5 and eff["outline@0"] <= 0.07, eff
-    assert eff["outline+stripes@1 both"] >= 0.4, eff
+    assert eff["outline@1"] >= 0.8 and eff["outline@0"] <= 0.07, eff
+    assert eff["outline+stripes@1 both"] >= 0.75, eff
 
 
 def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
