@@ -62,10 +62,10 @@ class TrainConfig:
     # Length of the outline code (latent_code.py) in latent standard deviations; 0 encodes outlines as drawn.
     outline_code: float = 2.0
     decoder_object_weight: float = 3.0  # extra loss weight near the object (object_weight)
-    base_steps: int = 3000
+    base_steps: int = 12000  # the shipped base had 11,307 steps in its chain of runs
     base_batch: int = 64
     base_images: int = 30000
-    lora_steps: int = 2000
+    lora_steps: int = 3000
     lora_batch: int = 32
     lr: float = 1e-3
     lora_lr: float = 1e-3
