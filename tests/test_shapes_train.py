@@ -29,6 +29,17 @@ def test_stages_checkpoint_and_resume(trained):
     assert not (cfg.run_dir / "vae.tmp").exists()
 
 
+def test_minutes_stop_the_run_before_the_next_stage(trained, tmp_path):
+    """Once --minutes are spent, a later stage does not start (it used to get 0.1 min, after encoding its
+    whole dataset and exporting); the stage that ran out checkpointed where it stopped."""
+    cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run8", "out_dir": tmp_path / "out8",
+                         "vae_steps": 10_000})
+    run(cfg, ("vae", "base"), minutes=0.02)
+    step = json.loads((cfg.run_dir / "vae" / "state.json").read_text())["step"]
+    assert 0 < step < 10_000
+    assert not (cfg.run_dir / "base").exists() and not cfg.out_dir.exists()
+
+
 def test_export_loads_in_our_engine_and_stock_diffusers(trained):
     from diffusers import StableDiffusionPipeline
 

@@ -572,7 +572,10 @@ def run(cfg: TrainConfig, stages: tuple[str, ...] = STAGES, minutes: float | Non
     (cfg.run_dir / "config.json").write_text(json.dumps({k: str(v) for k, v in asdict(cfg).items()}, indent=2))
     t0 = time.monotonic()
     for stage in stages:
-        left = None if minutes is None else max(0.1, minutes - (time.monotonic() - t0) / 60)
+        left = None if minutes is None else minutes - (time.monotonic() - t0) / 60
+        if left is not None and left <= 0:  # not even a later stage's data encoding: run again to resume
+            log.info("--minutes spent: stopping before stage %s", stage)
+            break
         if stage == "vae":
             train_vae(cfg, left)
         elif stage == "decoder":
