@@ -532,20 +532,23 @@ class MergedAdapter:
         base = {n.removesuffix(".base_layer"): m for n, m in unet.named_modules() if hasattr(m, "weight")}
         sd, metadata = LoraRegistry(path.parent).read(path.stem)
         adapter = parse_state_dict(path.stem, sd, metadata, {"unet": set(base), "text_encoder": set()})
-        self.weights = [(base[name].weight, layer.delta(base[name].weight.shape)) for name, layer in adapter.unet.items()]
+        # The base weights are frozen, so both versions are computed once, not on every pair step.
+        self.weights = []
+        for name, layer in adapter.unet.items():
+            w = base[name].weight
+            self.weights.append((w, w.detach().clone(), w.detach() + layer.delta(w.shape)))
 
     @contextlib.contextmanager
     def on(self):
-        pristine = [w.detach().clone() for w, _ in self.weights]
         with torch.no_grad():
-            for w, delta in self.weights:
-                w.add_(delta)
+            for w, _, merged in self.weights:
+                w.copy_(merged)
         try:
             yield
         finally:
             with torch.no_grad():
-                for (w, _), p in zip(self.weights, pristine, strict=True):
-                    w.copy_(p)
+                for w, pristine, _ in self.weights:
+                    w.copy_(pristine)
 
 
 class _ParamBag(torch.nn.Module):
