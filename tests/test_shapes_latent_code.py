@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from models.shapes.data import COLORS, object_mask, random_scene, render
 from models.shapes.latent_code import fit_outline_code, latent_masks, outline_offset, without_outline
-from models.shapes.train import render_tensor
+from models.shapes.train_common import render_tensor
 
 
 def test_object_mask_is_the_filled_object_whatever_the_style():

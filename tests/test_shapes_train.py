@@ -170,7 +170,7 @@ def copy_run(trained, run_dir):
 def test_decoder_stage_records_the_outline_code_and_export_uses_its_vae(trained, tmp_path):
     from safetensors.torch import load_file
 
-    from models.shapes.train import load_vae, train_decoder
+    from models.shapes.train_vae import load_vae, train_decoder
 
     cfg = TrainConfig(run_dir=tmp_path / "run3", out_dir=tmp_path / "out3", vae_batch=4, decoder_steps=2,
                       checkpoint_minutes=60)
@@ -199,7 +199,8 @@ def test_decoder_stage_moves_outlines_to_the_code_and_keeps_other_latents(traine
 
     from models.shapes.data import random_scene
     from models.shapes.latent_code import outline_offset, without_outline
-    from models.shapes.train import load_vae, render_tensor, source_vae, train_decoder
+    from models.shapes.train_common import render_tensor
+    from models.shapes.train_vae import load_vae, source_vae, train_decoder
 
     cfg = TrainConfig(run_dir=tmp_path / "run4", out_dir=tmp_path / "out4", vae_batch=4, decoder_steps=60,
                       decoder_lr=3e-3, checkpoint_minutes=60)
@@ -230,7 +231,8 @@ def test_decoder_targets_with_and_without_the_outline_code(trained):
 
     from models.shapes.data import random_scene
     from models.shapes.latent_code import outline_offset, without_outline
-    from models.shapes.train import decoder_targets, render_tensor, source_vae
+    from models.shapes.train_common import render_tensor
+    from models.shapes.train_vae import decoder_targets, source_vae
 
     source = source_vae(trained)
     rng = random.Random(7)
@@ -282,7 +284,8 @@ def test_grow_vae_starts_as_the_same_function():
     from diffusers import AutoencoderKL
 
     from models.shapes import architecture as arch
-    from models.shapes.train import grow_vae, render_batch
+    from models.shapes.train_common import render_batch
+    from models.shapes.train_vae import grow_vae
 
     torch.manual_seed(0)
     small = AutoencoderKL(**dict(arch.VAE_CONFIG, layers_per_block=arch.VAE_CONFIG["layers_per_block"] - 1)).eval()
@@ -304,7 +307,7 @@ def test_object_weight_favours_pixels_near_the_object():
 
     from models.shapes.data import random_scene
     from models.shapes.latent_code import object_masks
-    from models.shapes.train import object_weight
+    from models.shapes.train_vae import object_weight
 
     rng = random.Random(3)
     scenes = [random_scene(rng, "outline", size=size) for size in ("small", "large")]
@@ -320,7 +323,7 @@ def test_edge_loss_penalises_a_blurred_outline_more_than_a_colour_offset():
     """The decoder's gradient-difference term: zero for identical images, blind to a uniform colour offset
     (L1/MSE already price that), and large for a thin outline blurred into its background."""
     from models.shapes.data import Scene, render
-    from models.shapes.train import edge_loss
+    from models.shapes.train_vae import edge_loss
 
     scene = Scene("triangle", "yellow", "orange", "small", 16, "center", 32.0, 32.0, "outline")
     x = torch.from_numpy(render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1

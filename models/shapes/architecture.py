@@ -22,7 +22,7 @@ VAE_CONFIG: dict[str, Any] = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(16, 32, 64),
     # 2 resnets per encoder block, 3 per decoder block: with one fewer the decoder kept a 3 px outline on
-    # stripes in 79% of round trips. A pipeline whose VAE had fewer is grown (train.grow_vae).
+    # stripes in 79% of round trips. A pipeline whose VAE had fewer is grown (train_vae.grow_vae).
     layers_per_block=2,
     latent_channels=4,
     norm_num_groups=8,

@@ -187,7 +187,7 @@ def vae_round_trip(vae: Any, n: int = 200, seed: int = 10_000) -> dict[str, dict
     import torch
 
     from models.images import to_uint8
-    from models.shapes.train import render_tensor
+    from models.shapes.train_common import render_tensor
 
     rng = random.Random(seed)
     out: dict[str, dict[str, float]] = {}

@@ -57,7 +57,7 @@ def fit_outline_code(encode_mean: Any, strength: float, seed: int, n: int = 512)
     mistaken for a filled one of another colour; its length is ``strength`` standard deviations of the
     latents (the UNet's unit-variance scale).
     """
-    from models.shapes.train import render_tensor
+    from models.shapes.train_common import render_tensor
 
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]

@@ -23,316 +23,36 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from models.schedules import NoiseSchedule
 from models.shapes import architecture as arch
-from models.shapes.data import caption, random_scene, render
+from models.shapes.data import caption
+from models.shapes.train_common import (
+    Checkpoint,
+    TrainConfig,
+    descend,
+    ema_update,
+    loop,
+    render_batch,
+    sample_scenes,
+    set_lr,
+)
+from models.shapes.train_vae import export_vae, load_vae, train_decoder, train_vae
 
 log = logging.getLogger(__name__)
 # Stripes before outline: the outline stage trains part of its steps with the stripes adapter on (train_lora).
 STAGES = ("vae", "decoder", "base", "stripes", "outline")
 LORA_DATA_SEEDS = {"outline": 5, "stripes": 6}  # seed offsets of each adapter's data (as before the reorder)
-# Outlines on stripes are the hardest images to decode (a 3 px line across an 8 px texture), so they get a
-# third of the decoder stage's batches.
-DECODER_STYLES = ("plain", "outline", "outline", "stripes", "outline+stripes", "outline+stripes")
-CODE_FILE = "outline_code.json"  # beside an exported VAE: the code it was taught, for a later decoder stage
-
-
-@dataclass
-class TrainConfig:
-    run_dir: Path = Path("runs/shapes")
-    out_dir: Path = Path(__file__).resolve().parents[1] / "zoo" / "shapes"
-    seed: int = 0
-    vae_steps: int = 1500
-    vae_batch: int = 16
-    decoder_steps: int = 3500
-    decoder_lr: float = 5e-4
-    # Length of the outline code (latent_code.py) in latent standard deviations; 0 encodes outlines as drawn.
-    outline_code: float = 2.0
-    decoder_object_weight: float = 3.0  # extra loss weight near the object (object_weight)
-    base_steps: int = 12000  # the shipped base had 11,307 steps in its chain of runs
-    base_batch: int = 64
-    base_images: int = 30000
-    lora_steps: int = 3000
-    lora_batch: int = 32
-    lr: float = 1e-3
-    lora_lr: float = 1e-3
-    # Loss weight min(SNR + 1, cap) / (SNR + 1), per stage; inf weighs every timestep 1. (Tried for the outline
-    # adapter, whose 3 px lines are drawn at the nearly clean steps that cap 5 weighs down: it was worse.)
-    snr_cap: float = 5.0
-    lora_snr_cap: float = 5.0
-    # Fraction of the outline stage's steps on outlined striped images with the stripes adapter merged in,
-    # so that the two adapters compose (each trained alone, outline + stripes showed both in 66%).
-    lora_pairs: float = 0.5
-    ema: float = 0.999
-    caption_dropout: float = 0.1
-    checkpoint_minutes: float = 3.0
-    init_from: Path | None = None  # an exported pipeline to start the base stage from (no checkpoint)
-    threads: int = 0  # 0: torch's default
-
-
-# -- data ---------------------------------------------------------------------------------------
-def sample_scenes(rng: random.Random, n: int, styles: tuple[str, ...]) -> list[Any]:
-    return [random_scene(rng, rng.choice(styles)) for _ in range(n)]
-
-
-def render_tensor(scenes: list[Any]) -> torch.Tensor:
-    """The scenes rendered as an NCHW batch in [-1, 1] (what the VAE takes)."""
-    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def render_batch(rng: random.Random, n: int, styles: tuple[str, ...]) -> tuple[torch.Tensor, list[Any]]:
-    scenes = sample_scenes(rng, n, styles)
-    return render_tensor(scenes), scenes
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-class Checkpoint:
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-
-    def exists(self) -> bool:
-        return (self.dir / "state.json").is_file()
-
-    def save(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-        tmp = self.dir.with_name(self.dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, m in modules.items():
-            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
-        shutil.rmtree(self.dir, ignore_errors=True)
-        tmp.rename(self.dir)  # atomic: a crash mid-save leaves the previous checkpoint intact
-
-    def load(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None) -> dict:
-        for name, m in modules.items():
-            m.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
-        if opt is not None:
-            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
-        return json.loads((self.dir / "state.json").read_text())
-
-
-def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int, total: int) -> None:
-    """Linear warm-up, then cosine decay to 0 at ``total``."""
-    for g in opt.param_groups:
-        g["lr"] = base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / total)))
-
-
-def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss)
-
-
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
-
-
-def loop(name: str, total: int, step_fn, ckpt: Checkpoint, save_fn, start: int, minutes: float | None,
-         every_minutes: float) -> int:
-    """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer."""
-    from tqdm import tqdm
-
-    t_end = time.monotonic() + minutes * 60 if minutes else math.inf
-    last = time.monotonic()
-    step = start
-    with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar:
-        while step < total and time.monotonic() < t_end:
-            loss = step_fn(step)
-            step += 1
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if time.monotonic() - last > every_minutes * 60:
-                save_fn(step)
-                last = time.monotonic()
-    save_fn(step)
-    return step
-
-
-# -- stage 1: VAE ---------------------------------------------------------------------------------
-def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
-    ckpt = Checkpoint(cfg.run_dir / "vae")
-    torch.manual_seed(cfg.seed)
-    vae = arch.build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = ckpt.load({"vae": vae}, opt)["step"] if ckpt.exists() else 0
-    if start == 0:
-        # Start with a near-deterministic posterior (std ~ e^-5): with logvar ~ 0 the decoder first sees
-        # latents drowned in unit noise and learns washed-out averages; measured here, 2x slower to converge.
-        with torch.no_grad():
-            vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
-    rng = random.Random(cfg.seed * 1000 + start)
-    vae.train()
-
-    def step_fn(step: int) -> float:
-        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
-        set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        return descend(opt, F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean())
-
-    loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
-         cfg.checkpoint_minutes)
-
-
-def load_vae(cfg: TrainConfig) -> Any:
-    """The trained VAE: the decoder stage's when it has run (the VAE stage's otherwise)."""
-    vae = arch.build_vae()
-    tuned = Checkpoint(cfg.run_dir / "decoder")
-    (tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")).load({"vae": vae}, None)
-    return vae.eval().requires_grad_(False)
-
-
-def export_vae(cfg: TrainConfig, out: Path) -> None:
-    """Write the trained VAE into a pipeline directory, with the latent scale the base stage measured (or,
-    continuing an exported pipeline with ``--init-from``, the scale that pipeline's UNet was trained with)."""
-    vae = load_vae(cfg)
-    scale_file = cfg.run_dir / "latent_scale.json"
-    if not scale_file.is_file() and cfg.init_from:
-        scale_file = cfg.init_from / "vae" / "config.json"
-    vae.register_to_config(scaling_factor=json.loads(scale_file.read_text())["scaling_factor"])
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    tuned = Checkpoint(cfg.run_dir / "decoder")
-    code = json.loads((tuned.dir / "state.json").read_text()).get("outline_code") if tuned.exists() else None
-    (out / "vae" / CODE_FILE).unlink(missing_ok=True)
-    if code:
-        (out / "vae" / CODE_FILE).write_text(json.dumps({"outline_code": code}))
-
-
-# -- stage 1b: decoder fine-tuning and the outline code ---------------------------------------------
-def source_vae(cfg: TrainConfig) -> Any:
-    """The VAE the decoder stage starts from: the VAE stage's, or without one the exported VAE of
-    ``--init-from`` (to continue a pipeline's VAE without training one from scratch)."""
-    from diffusers import AutoencoderKL
-
-    first = Checkpoint(cfg.run_dir / "vae")
-    if not first.exists() and cfg.init_from and (cfg.init_from / "vae").is_dir():
-        return AutoencoderKL.from_pretrained(cfg.init_from / "vae").eval().requires_grad_(False)
-    vae = arch.build_vae()
-    first.load({"vae": vae}, None)
-    return vae.eval().requires_grad_(False)
-
-
-def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
-    """Fine-tune the decoder (as SD's ft-MSE VAE did) and teach the VAE the outline code (``latent_code``).
-
-    The joint VAE stage leaves soft edges and faint blotches on flat backgrounds; the evaluator reads those
-    as shape, size and position errors (measured: a round trip through the joint VAE alone scored shape
-    59%, position 62%, size 82%). The decoder learns to decode outlined objects from the filled object's
-    latent plus the outline code, at 0.4-1.4 times the code's length (a UNet's code comes out weaker or
-    stronger), and the encoder learns to produce exactly that code while keeping every other image's latent
-    where the starting VAE put it, so the base UNet's latent space does not move. A starting VAE with fewer
-    resnets per block than ``VAE_CONFIG`` is grown (``grow_vae``); pixels near the object weigh more
-    (``object_weight``).
-    """
-    from models.shapes.latent_code import fit_outline_code
-
-    ckpt = Checkpoint(cfg.run_dir / "decoder")
-    source = source_vae(cfg)
-    vae = arch.build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
-    if ckpt.exists():
-        state = ckpt.load({"vae": vae}, opt)
-    else:
-        grow_vae(vae, source)
-        state = {"step": 0}
-    if cfg.outline_code and "outline_code" not in state:
-        state["outline_code"] = inherited_code(cfg) or fit_outline_code(
-            lambda x: source.encode(x).latent_dist.mean, cfg.outline_code, cfg.seed)
-    code = torch.tensor(state["outline_code"]) if state.get("outline_code") else None
-    rng = random.Random(cfg.seed * 1013 + state["step"])
-    gen = torch.Generator().manual_seed(cfg.seed * 1013 + state["step"])
-    vae.train()
-
-    def step_fn(step: int) -> float:
-        x, scenes = render_batch(rng, cfg.vae_batch, DECODER_STYLES)
-        set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
-        with torch.no_grad():
-            ref, offset = decoder_targets(source, x, scenes, code)
-            amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=gen)
-            z = ref.mean + amp * offset + ref.std * torch.randn(ref.mean.shape, generator=gen)
-            weight = object_weight(scenes, cfg.decoder_object_weight)
-        rec = vae.decode(z).sample
-        # L1 keeps flat areas flat; the gradient term keeps 3 px outlines between close colours (yellow on
-        # orange) from blurring below the evaluator's colour threshold (measured: 11% of round trips lost them).
-        err = rec - x
-        loss = (weight * (err.abs() + err**2)).mean() + edge_loss(rec, x)
-        post = vae.encode(x).latent_dist
-        anchor = F.mse_loss(post.mean, ref.mean + offset) + 0.01 * F.mse_loss(post.logvar, ref.logvar)
-        return descend(opt, loss + anchor)
-
-    loop("decoder", cfg.decoder_steps, step_fn, ckpt,
-         lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}), state["step"],
-         minutes, cfg.checkpoint_minutes)
-
-
-def grow_vae(vae: Any, source: Any) -> None:
-    """Load ``source``'s weights into ``vae``, which may have more resnets per block (a deeper
-    ``VAE_CONFIG``). A resnet block is x + conv2(...), so each new one starts with conv2 at zero: the identity,
-    and the grown VAE computes exactly what the source did until training uses the new capacity."""
-    missing, unexpected = vae.load_state_dict(source.state_dict(), strict=False)
-    new = {k.rsplit(".", 2)[0] for k in missing}
-    if unexpected or any(".resnets." not in k for k in new):
-        raise ValueError(f"cannot grow this VAE: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
-    with torch.no_grad():
-        for block in new:
-            conv2 = vae.get_submodule(block).conv2
-            conv2.weight.zero_()
-            conv2.bias.zero_()
-
-
-def inherited_code(cfg: TrainConfig) -> list[float] | None:
-    """The outline code of the ``--init-from`` pipeline's VAE, if it was taught one: a continued decoder stage
-    keeps it (a code fitted again would differ a little, and that pipeline's outline adapter draws the old one)."""
-    f = cfg.init_from / "vae" / CODE_FILE if cfg.init_from else None
-    return json.loads(f.read_text())["outline_code"] if f and f.is_file() else None
-
-
-def object_weight(scenes: list[Any], extra: float) -> torch.Tensor:
-    """N x 1 x H x W pixel weights averaging 1: ``1 + extra`` within 3 px of the object, 1 elsewhere. The flat
-    background is most of each image and easy; a small object's outline is a few dozen pixels."""
-    from models.shapes.latent_code import object_masks
-
-    near = F.max_pool2d(object_masks(scenes), 7, stride=1, padding=3)
-    w = 1 + extra * near
-    return w / w.mean(dim=(1, 2, 3), keepdim=True)
-
-
-@torch.no_grad()
-def decoder_targets(source: Any, x: torch.Tensor, scenes: list[Any], code: torch.Tensor | None) -> tuple[Any, Any]:
-    """What the decoder stage trains toward: the starting VAE's posterior of each image (``x``, the scenes
-    rendered) and an offset to add to its mean. With the outline code, an outlined scene's posterior is its
-    filled twin's and the offset is the code over the object (zero for other scenes); without it, each
-    image's own posterior and no offset."""
-    from models.shapes.latent_code import outline_offset, without_outline
-
-    if code is None:
-        return source.encode(x).latent_dist, torch.zeros(())
-    return source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist, outline_offset(scenes, code)
-
-
-def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 between the horizontal and vertical finite differences of two images (a gradient-difference loss)."""
-    dx = F.l1_loss(rec[..., :, 1:] - rec[..., :, :-1], x[..., :, 1:] - x[..., :, :-1])
-    dy = F.l1_loss(rec[..., 1:, :] - rec[..., :-1, :], x[..., 1:, :] - x[..., :-1, :])
-    return dx + dy
 
 
 # -- stage 2: text encoder + UNet --------------------------------------------------------------------

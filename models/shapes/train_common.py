@@ -1,0 +1,136 @@
+"""What every shapes training stage shares: the config, rendered batches, checkpoints, the LR schedule and
+the step loop with its progress bar (``train.py`` runs the stages; ``train_vae.py`` holds the VAE's)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.shapes.data import random_scene, render
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Path = Path("runs/shapes")
+    out_dir: Path = Path(__file__).resolve().parents[1] / "zoo" / "shapes"
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    decoder_steps: int = 3500
+    decoder_lr: float = 5e-4
+    # Length of the outline code (latent_code.py) in latent standard deviations; 0 encodes outlines as drawn.
+    outline_code: float = 2.0
+    decoder_object_weight: float = 3.0  # extra loss weight near the object (object_weight)
+    base_steps: int = 12000  # the shipped base had 11,307 steps in its chain of runs
+    base_batch: int = 64
+    base_images: int = 30000
+    lora_steps: int = 3000
+    lora_batch: int = 32
+    lr: float = 1e-3
+    lora_lr: float = 1e-3
+    # Loss weight min(SNR + 1, cap) / (SNR + 1), per stage; inf weighs every timestep 1. (Tried for the outline
+    # adapter, whose 3 px lines are drawn at the nearly clean steps that cap 5 weighs down: it was worse.)
+    snr_cap: float = 5.0
+    lora_snr_cap: float = 5.0
+    # Fraction of the outline stage's steps on outlined striped images with the stripes adapter merged in,
+    # so that the two adapters compose (each trained alone, outline + stripes showed both in 66%).
+    lora_pairs: float = 0.5
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_minutes: float = 3.0
+    init_from: Path | None = None  # an exported pipeline to start the base stage from (no checkpoint)
+    threads: int = 0  # 0: torch's default
+
+
+# -- data ---------------------------------------------------------------------------------------
+def sample_scenes(rng: random.Random, n: int, styles: tuple[str, ...]) -> list[Any]:
+    return [random_scene(rng, rng.choice(styles)) for _ in range(n)]
+
+
+def render_tensor(scenes: list[Any]) -> torch.Tensor:
+    """The scenes rendered as an NCHW batch in [-1, 1] (what the VAE takes)."""
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def render_batch(rng: random.Random, n: int, styles: tuple[str, ...]) -> tuple[torch.Tensor, list[Any]]:
+    scenes = sample_scenes(rng, n, styles)
+    return render_tensor(scenes), scenes
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+class Checkpoint:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").is_file()
+
+    def save(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, m in modules.items():
+            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        tmp.rename(self.dir)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+    def load(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None) -> dict:
+        for name, m in modules.items():
+            m.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
+        if opt is not None:
+            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+        return json.loads((self.dir / "state.json").read_text())
+
+
+def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int, total: int) -> None:
+    """Linear warm-up, then cosine decay to 0 at ``total``."""
+    for g in opt.param_groups:
+        g["lr"] = base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+def loop(name: str, total: int, step_fn, ckpt: Checkpoint, save_fn, start: int, minutes: float | None,
+         every_minutes: float) -> int:
+    """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer."""
+    from tqdm import tqdm
+
+    t_end = time.monotonic() + minutes * 60 if minutes else math.inf
+    last = time.monotonic()
+    step = start
+    with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar:
+        while step < total and time.monotonic() < t_end:
+            loss = step_fn(step)
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if time.monotonic() - last > every_minutes * 60:
+                save_fn(step)
+                last = time.monotonic()
+    save_fn(step)
+    return step
+
