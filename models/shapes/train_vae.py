@@ -43,11 +43,12 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
     vae.train()
 
     def step_fn(step: int) -> float:
-        x, _ = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
+        x, scenes = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
         set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        return descend(opt, F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean())
+        err = vae.decode(post.sample()).sample - x
+        weight = object_weight(scenes, cfg.vae_object_weight)
+        return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
     loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
          cfg.checkpoint_minutes)
