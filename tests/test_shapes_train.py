@@ -40,6 +40,24 @@ def test_minutes_stop_the_run_before_the_next_stage(trained, tmp_path):
     assert not (cfg.run_dir / "base").exists() and not cfg.out_dir.exists()
 
 
+def test_a_stage_stopped_by_minutes_exports_nothing(trained, tmp_path):
+    """A base or adapter stage that runs out of --minutes checkpoints and resumes later, but does not export:
+    the output (by default the shipped model) never gets a partly trained UNet or adapter."""
+    pytest.importorskip("peft")
+    cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run9", "out_dir": tmp_path / "out9",
+                         "base_steps": 10_000, "lora_steps": 10_000})
+    copy_run(trained, cfg.run_dir)
+    run(cfg, ("base", "stripes"), minutes=0.02)
+    step = json.loads((cfg.run_dir / "base" / "state.json").read_text())["step"]
+    assert 2 < step < 10_000  # resumed from the copied checkpoint and trained on
+    assert not cfg.out_dir.exists()
+
+    export_pipeline(trained, cfg.out_dir)  # a finished base for the adapter stage
+    run(cfg, ("stripes",), minutes=0.02)
+    assert 0 < json.loads((cfg.run_dir / "lora_stripes" / "state.json").read_text())["step"] < 10_000
+    assert not (cfg.out_dir / "loras").exists()
+
+
 def test_export_loads_in_our_engine_and_stock_diffusers(trained):
     from diffusers import StableDiffusionPipeline
 

@@ -5,7 +5,9 @@
 
 Each stage checkpoints to ``<run>/<stage>/`` (weights as safetensors, optimizer state with
 ``torch.load(weights_only=True)``) every few minutes and at its end, so an interrupted run resumes where
-it stopped. ``export`` writes the diffusers pipeline directory plus ``loras/{outline,stripes}.safetensors``.
+it stopped. ``export`` writes the diffusers pipeline directory plus ``loras/{outline,stripes}.safetensors``;
+a stage exports only once it has run all its steps, so ``--minutes`` never leaves a partly trained stage in
+the output directory (by default the shipped model).
 
 The denoiser is trained as in Ho et al. (Algorithm 1): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, but
 with the v target of Salimans & Ho (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0), loss ||v - v_theta(x_t, t, c)||^2
@@ -110,7 +112,8 @@ class Denoising:
         return ["" if self.rng.random() < self.cfg.caption_dropout else caption(s, self.rng) for s in scenes]
 
 
-def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
+def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
+    """Train the text encoder and UNet; True once all ``base_steps`` are done."""
     ckpt = Checkpoint(cfg.run_dir / "base")
     tok_dir = cfg.run_dir / "tokenizer"
     tokenizer = arch.build_tokenizer(tok_dir)
@@ -159,8 +162,8 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> None:
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return float(loss)
 
-    loop("base", cfg.base_steps, step_fn, ckpt, lambda s: ckpt.save(modules, opt, s, {}), state["step"], minutes,
-         cfg.checkpoint_minutes)
+    return loop("base", cfg.base_steps, step_fn, ckpt, lambda s: ckpt.save(modules, opt, s, {}), state["step"],
+                minutes, cfg.checkpoint_minutes) >= cfg.base_steps
 
 
 def init_from_pipeline(path: Path, unet: Any, te: Any) -> None:
@@ -193,8 +196,9 @@ def export_pipeline(cfg: TrainConfig, out: Path | None = None) -> Path:
     return out
 
 
-def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Path:
-    """Fine-tune a rank-8 LoRA (PEFT, saved in diffusers' format) on one style, base model frozen."""
+def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Path | None:
+    """Fine-tune a rank-8 LoRA (PEFT, saved in diffusers' format) on one style, base model frozen. Returns the
+    adapter file, written once all ``lora_steps`` are done (None: stopped at ``minutes``, resumable)."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -232,8 +236,9 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
         with merged.on() if pair else contextlib.nullcontext():
             return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
 
-    loop(f"lora {style}", cfg.lora_steps, step_fn, ckpt, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
-         state["step"], minutes, cfg.checkpoint_minutes)
+    if loop(f"lora {style}", cfg.lora_steps, step_fn, ckpt, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
+            state["step"], minutes, cfg.checkpoint_minutes) < cfg.lora_steps:
+        return None
     (cfg.out_dir / "loras").mkdir(exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         cfg.out_dir / "loras", unet_lora_layers=get_peft_model_state_dict(unet), weight_name=f"{style}.safetensors"
@@ -298,19 +303,30 @@ def run(cfg: TrainConfig, stages: tuple[str, ...] = STAGES, minutes: float | Non
         left = None if minutes is None else minutes - (time.monotonic() - t0) / 60
         if left is not None and left <= 0:  # not even a later stage's data encoding: run again to resume
             log.info("--minutes spent: stopping before stage %s", stage)
-            break
-        if stage == "vae":
-            train_vae(cfg, left)
-        elif stage == "decoder":
-            train_decoder(cfg, left)
-            if cfg.init_from and not Checkpoint(cfg.run_dir / "base").exists():
-                # Continuing an exported pipeline: put the new VAE in it, for the adapter stages to train on.
-                if not (cfg.out_dir / "model_index.json").is_file():
-                    shutil.copytree(cfg.init_from, cfg.out_dir, dirs_exist_ok=True)
-                export_vae(cfg, cfg.out_dir)
-        elif stage == "base":
-            train_base(cfg, left)
-            export_pipeline(cfg)
-        else:
-            train_lora(cfg, stage, left)
+            return
+        if not run_stage(cfg, stage, left):
+            # Exporting now would put a partly trained stage into the output (by default the shipped model).
+            log.info("--minutes spent during stage %s: checkpointed, nothing exported; run again to resume", stage)
+            return
     log.info("stages %s done in %.1f min", stages, (time.monotonic() - t0) / 60)
+
+
+def run_stage(cfg: TrainConfig, stage: str, minutes: float | None) -> bool:
+    """One stage, and its export once it has finished; False if it stopped at ``minutes`` first."""
+    if stage == "vae":
+        return train_vae(cfg, minutes)
+    if stage == "decoder":
+        if not train_decoder(cfg, minutes):
+            return False
+        if cfg.init_from and not Checkpoint(cfg.run_dir / "base").exists():
+            # Continuing an exported pipeline: put the new VAE in it, for the adapter stages to train on.
+            if not (cfg.out_dir / "model_index.json").is_file():
+                shutil.copytree(cfg.init_from, cfg.out_dir, dirs_exist_ok=True)
+            export_vae(cfg, cfg.out_dir)
+        return True
+    if stage == "base":
+        if not train_base(cfg, minutes):
+            return False
+        export_pipeline(cfg)
+        return True
+    return train_lora(cfg, stage, minutes) is not None

@@ -28,7 +28,8 @@ CODE_FILE = "outline_code.json"  # beside an exported VAE: the code it was taugh
 
 
 # -- stage 1: VAE ---------------------------------------------------------------------------------
-def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
+def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
+    """Train the VAE; True once all ``vae_steps`` are done (False: stopped at ``minutes``, resumable)."""
     ckpt = Checkpoint(cfg.run_dir / "vae")
     torch.manual_seed(cfg.seed)
     vae = arch.build_vae()
@@ -50,8 +51,8 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> None:
         weight = object_weight(scenes, cfg.vae_object_weight)
         return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
-    loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
-         cfg.checkpoint_minutes)
+    return loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start,
+                minutes, cfg.checkpoint_minutes) >= cfg.vae_steps
 
 
 def load_vae(cfg: TrainConfig) -> Any:
@@ -92,7 +93,7 @@ def source_vae(cfg: TrainConfig) -> Any:
     return vae.eval().requires_grad_(False)
 
 
-def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
+def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     """Fine-tune the decoder (as SD's ft-MSE VAE did) and teach the VAE the outline code (``latent_code``).
 
     The joint VAE stage leaves soft edges and faint blotches on flat backgrounds; the evaluator reads those
@@ -102,7 +103,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
     stronger), and the encoder learns to produce exactly that code while keeping every other image's latent
     where the starting VAE put it, so the base UNet's latent space does not move. A starting VAE with fewer
     resnets per block than ``VAE_CONFIG`` is grown (``grow_vae``); pixels near the object weigh more
-    (``object_weight``).
+    (``object_weight``). True once all ``decoder_steps`` are done.
     """
     from models.shapes.latent_code import fit_outline_code
 
@@ -140,9 +141,9 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> None:
         anchor = F.mse_loss(post.mean, ref.mean + offset) + 0.01 * F.mse_loss(post.logvar, ref.logvar)
         return descend(opt, loss + anchor)
 
-    loop("decoder", cfg.decoder_steps, step_fn, ckpt,
-         lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}), state["step"],
-         minutes, cfg.checkpoint_minutes)
+    return loop("decoder", cfg.decoder_steps, step_fn, ckpt,
+                lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}),
+                state["step"], minutes, cfg.checkpoint_minutes) >= cfg.decoder_steps
 
 
 def grow_vae(vae: Any, source: Any) -> None:
