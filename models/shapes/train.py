@@ -162,8 +162,8 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return float(loss)
 
-    return loop("base", cfg.base_steps, step_fn, ckpt, lambda s: ckpt.save(modules, opt, s, {}), state["step"],
-                minutes, cfg.checkpoint_minutes) >= cfg.base_steps
+    return loop("base", cfg.base_steps, step_fn, lambda s: ckpt.save(modules, opt, s, {}), state["step"], minutes,
+                cfg.checkpoint_minutes)
 
 
 def init_from_pipeline(path: Path, unet: Any, te: Any) -> None:
@@ -236,8 +236,8 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
         with merged.on() if pair else contextlib.nullcontext():
             return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
 
-    if loop(f"lora {style}", cfg.lora_steps, step_fn, ckpt, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
-            state["step"], minutes, cfg.checkpoint_minutes) < cfg.lora_steps:
+    if not loop(f"lora {style}", cfg.lora_steps, step_fn, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
+                state["step"], minutes, cfg.checkpoint_minutes):
         return None
     (cfg.out_dir / "loras").mkdir(exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(

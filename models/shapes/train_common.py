@@ -116,9 +116,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1 - decay)
 
 
-def loop(name: str, total: int, step_fn, ckpt: Checkpoint, save_fn, start: int, minutes: float | None,
-         every_minutes: float) -> int:
-    """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer."""
+def loop(name: str, total: int, step_fn, save_fn, start: int, minutes: float | None, every_minutes: float) -> bool:
+    """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer and at the
+    end; True if it reached ``total`` (False: stopped at ``minutes``, and a stage then exports nothing)."""
     from tqdm import tqdm
 
     t_end = time.monotonic() + minutes * 60 if minutes else math.inf
@@ -135,5 +135,5 @@ def loop(name: str, total: int, step_fn, ckpt: Checkpoint, save_fn, start: int, 
                 save_fn(step)
                 last = time.monotonic()
     save_fn(step)
-    return step
+    return step >= total
 

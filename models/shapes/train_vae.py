@@ -51,8 +51,8 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
         weight = object_weight(scenes, cfg.vae_object_weight)
         return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
-    return loop("vae", cfg.vae_steps, step_fn, ckpt, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start,
-                minutes, cfg.checkpoint_minutes) >= cfg.vae_steps
+    return loop("vae", cfg.vae_steps, step_fn, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
+                cfg.checkpoint_minutes)
 
 
 def load_vae(cfg: TrainConfig) -> Any:
@@ -141,9 +141,9 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         anchor = F.mse_loss(post.mean, ref.mean + offset) + 0.01 * F.mse_loss(post.logvar, ref.logvar)
         return descend(opt, loss + anchor)
 
-    return loop("decoder", cfg.decoder_steps, step_fn, ckpt,
+    return loop("decoder", cfg.decoder_steps, step_fn,
                 lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}),
-                state["step"], minutes, cfg.checkpoint_minutes) >= cfg.decoder_steps
+                state["step"], minutes, cfg.checkpoint_minutes)
 
 
 def grow_vae(vae: Any, source: Any) -> None:
