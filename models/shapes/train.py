@@ -153,14 +153,10 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
         idx = torch.randint(0, len(scenes), (cfg.base_batch,), generator=job.gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
-        loss = job.loss(z0, job.captions([scenes[i] for i in idx.tolist()]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])), params)
         ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
-        return float(loss)
+        return loss
 
     return loop("base", cfg.base_steps, step_fn, lambda s: ckpt.save(modules, opt, s, {}), state["step"], minutes,
                 cfg.checkpoint_minutes)

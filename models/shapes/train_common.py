@@ -103,11 +103,14 @@ def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int, tota
         g["lr"] = base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / total)))
 
 
-def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list[torch.nn.Parameter] | None = None) -> float:
+    """One optimizer step on ``loss`` (gradient norm clipped to 1 over ``clip`` if given); returns the loss."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
