@@ -127,6 +127,7 @@ def loop(name: str, total: int, step_fn, save_fn, start: int, minutes: float | N
     t_end = time.monotonic() + minutes * 60 if minutes else math.inf
     last = time.monotonic()
     step = start
+    saved = start or None  # a resumed stage's checkpoint already holds ``start``; a fresh one holds nothing yet
     with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar:
         while step < total and time.monotonic() < t_end:
             loss = step_fn(step)
@@ -136,7 +137,8 @@ def loop(name: str, total: int, step_fn, save_fn, start: int, minutes: float | N
                 bar.set_postfix(loss=f"{loss:.4f}")
             if time.monotonic() - last > every_minutes * 60:
                 save_fn(step)
-                last = time.monotonic()
-    save_fn(step)
+                saved, last = step, time.monotonic()
+    if step != saved:  # not again for a stage resumed when already finished, or just saved on the timer
+        save_fn(step)
     return step >= total
 
