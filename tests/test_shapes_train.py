@@ -389,3 +389,20 @@ def test_vae_stage_weights_the_object(tmp_path):
     key = "decoder.conv_out.weight"
     assert torch.equal(plain[key], again[key])  # deterministic, so the difference below is the weighting
     assert not torch.allclose(plain[key], weighted[key])
+
+
+def test_train_device_flag(monkeypatch):
+    """``--device`` picks where training runs: auto is the CPU here; asking for CUDA on a machine without it
+    fails at once with the flag named, not after a stage has encoded its data."""
+    import argparse
+
+    from models.errors import DiffuserveError
+    from models.shapes.cli import add_parsers, config_from
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    assert config_from(parser.parse_args(["train", "shapes"])).device == "cpu"
+    assert config_from(parser.parse_args(["train", "shapes", "--device", "cpu"])).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DiffuserveError, match="--device cpu"):
+        config_from(parser.parse_args(["train", "shapes", "--device", "cuda"]))

@@ -32,6 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the outline stage's steps on outline+stripes with the stripes adapter on")
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
     p.add_argument("--init-from", help="start the decoder and base stages from this exported pipeline when they have "
                    "no checkpoint (after the decoder stage its VAE is written into --out, for the adapters)")
     p.set_defaults(func=run_train)
@@ -53,9 +54,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from(args: argparse.Namespace):  # -> TrainConfig
+    from models.loading import resolve_device
     from models.shapes.train import TrainConfig
 
-    cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads)
+    cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads,
+                      device=str(resolve_device(args.device)))
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images", "lora_steps",

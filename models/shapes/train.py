@@ -60,12 +60,13 @@ LORA_DATA_SEEDS = {"outline": 5, "stripes": 6}  # seed offsets of each adapter's
 # -- stage 2: text encoder + UNet --------------------------------------------------------------------
 @torch.no_grad()
 def encode_dataset(vae: Any, n: int, seed: int, style: str) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-    """Pre-render and pre-encode n scenes: the VAE posterior's mean and std, and the scenes."""
+    """Pre-render and pre-encode n scenes: the VAE posterior's mean and std (on the VAE's device), and the scenes."""
     rng = random.Random(seed)
+    device = next(vae.parameters()).device
     means, stds, scenes = [], [], []
     for b in range(0, n, 256):
         x, sc = render_batch(rng, min(256, n - b), (style,))
-        dist = vae.encode(x).latent_dist
+        dist = vae.encode(x.to(device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
         scenes += sc
@@ -84,7 +85,8 @@ class Denoising:
                  snr_cap: float) -> None:
         self.tok, self.te, self.unet, self.cfg, self.snr_cap = tokenizer, text_encoder, unet, cfg, snr_cap
         sched = NoiseSchedule.from_config(arch.SCHEDULER_CONFIG)
-        self.abar = torch.from_numpy(sched.alphas_cumprod).float()
+        self.device = torch.device(cfg.device)  # timesteps and noise are drawn on the CPU, then moved
+        self.abar = torch.from_numpy(sched.alphas_cumprod).float().to(self.device)
         self.v_prediction = sched.prediction_type == "v_prediction"
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
@@ -92,10 +94,10 @@ class Denoising:
     def loss(self, z0: torch.Tensor, captions: list[str]) -> torch.Tensor:
         ids = self.tok(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
                        return_tensors="pt").input_ids
-        emb = self.te(ids)[0]
+        emb = self.te(ids.to(self.device))[0]
         b = z0.shape[0]
-        t = torch.randint(0, len(self.abar), (b,), generator=self.gen)
-        eps = torch.randn(z0.shape, generator=self.gen)
+        t = torch.randint(0, len(self.abar), (b,), generator=self.gen).to(self.device)
+        eps = torch.randn(z0.shape, generator=self.gen).to(self.device)
         a = self.abar[t].view(b, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = self.unet(x_t, t, encoder_hidden_states=emb).sample
@@ -108,6 +110,12 @@ class Denoising:
             w = (torch.clamp(snr, max=self.snr_cap) / snr).view(b)
         return (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
 
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, batch: int, scale: float) -> tuple[list[int], torch.Tensor]:
+        """A random batch of pre-encoded images: their indices and latents drawn from their posteriors, scaled."""
+        idx = torch.randint(0, len(mean), (batch,), generator=self.gen)
+        noise = torch.randn((batch, *mean.shape[1:]), generator=self.gen).to(mean.device)
+        return idx.tolist(), (mean[idx] + std[idx] * noise) * scale
+
     def captions(self, scenes: list[Any]) -> list[str]:
         return ["" if self.rng.random() < self.cfg.caption_dropout else caption(s, self.rng) for s in scenes]
 
@@ -117,9 +125,9 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     ckpt = Checkpoint(cfg.run_dir / "base")
     tok_dir = cfg.run_dir / "tokenizer"
     tokenizer = arch.build_tokenizer(tok_dir)
-    vae = load_vae(cfg)
+    vae = load_vae(cfg).to(cfg.device)
     torch.manual_seed(cfg.seed)
-    unet, te = arch.build_unet(), arch.build_text_encoder(tok_dir)
+    unet, te = arch.build_unet().to(cfg.device), arch.build_text_encoder(tok_dir).to(cfg.device)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -141,9 +149,10 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
         scenes = encode_scenes_only(cfg.base_images, cfg.seed + 1)
     else:
         mean, std, scenes = encode_dataset(vae, cfg.base_images, cfg.seed + 1, "plain")
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, cache)
+        save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, cache)
     scale = latent_scale(mean)
     (cfg.run_dir / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
+    mean, std = mean.to(cfg.device), std.to(cfg.device)
     job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"], cfg.snr_cap)
     torch.manual_seed(cfg.seed + state["step"])
     unet.train()
@@ -151,9 +160,8 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
 
     def step_fn(step: int) -> float:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
-        idx = torch.randint(0, len(scenes), (cfg.base_batch,), generator=job.gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
-        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])), params)
+        idx, z0 = job.latents(mean, std, cfg.base_batch, scale)
+        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx])), params)
         ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return loss
@@ -201,7 +209,7 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
 
     from models.loading import load_pipeline
 
-    model = load_pipeline(cfg.out_dir, device="cpu")
+    model = load_pipeline(cfg.out_dir, device=cfg.device, dtype="fp32")  # trained in fp32 on a GPU too
     unet, te, vae = model.unet, model.text_encoder, model.vae
     unet.add_adapter(LoraConfig(r=arch.LORA_RANK, lora_alpha=arch.LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=list(arch.LORA_TARGETS)))
@@ -227,10 +235,9 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
         set_lr(opt, cfg.lora_lr, step, 50, cfg.lora_steps)
         pair = merged is not None and int((step + 1) * cfg.lora_pairs) > int(step * cfg.lora_pairs)
         mean, std, scenes = data["pair" if pair else style]
-        idx = torch.randint(0, len(scenes), (cfg.lora_batch,), generator=job.gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=job.gen)) * scale
+        idx, z0 = job.latents(mean, std, cfg.lora_batch, scale)
         with merged.on() if pair else contextlib.nullcontext():
-            return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx.tolist()])))
+            return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx])))
 
     if not loop(f"lora {style}", cfg.lora_steps, step_fn, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
                 state["step"], minutes, cfg.checkpoint_minutes):
@@ -257,7 +264,7 @@ class MergedAdapter:
         self.weights = []
         for name, layer in adapter.unet.items():
             w = base[name].weight
-            self.weights.append((w, w.detach().clone(), w.detach() + layer.delta(w.shape)))
+            self.weights.append((w, w.detach().clone(), w.detach() + layer.delta(w.shape).to(w)))
 
     @contextlib.contextmanager
     def on(self):

@@ -53,6 +53,9 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0
     init_from: Path | None = None  # an exported pipeline to start the base stage from (no checkpoint)
     threads: int = 0  # 0: torch's default
+    # Where every stage trains ("cuda" on a GPU). Random numbers are drawn on the CPU either way, so a seed picks
+    # the same data, timesteps and noise on any device; checkpoints are written from CPU copies.
+    device: str = "cpu"
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -83,7 +86,8 @@ class Checkpoint:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, m in modules.items():
-            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+            save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+                      tmp / f"{name}.safetensors")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -93,7 +97,8 @@ class Checkpoint:
         for name, m in modules.items():
             m.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
         if opt is not None:
-            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+            # The optimizer moves its state onto its parameters' device (saved on a GPU, resumed on a CPU or back).
+            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True, map_location="cpu"))
         return json.loads((self.dir / "state.json").read_text())
 
 

@@ -32,7 +32,7 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
     """Train the VAE; True once all ``vae_steps`` are done (False: stopped at ``minutes``, resumable)."""
     ckpt = Checkpoint(cfg.run_dir / "vae")
     torch.manual_seed(cfg.seed)
-    vae = arch.build_vae()
+    vae = arch.build_vae().to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = ckpt.load({"vae": vae}, opt)["step"] if ckpt.exists() else 0
     if start == 0:
@@ -45,10 +45,11 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
 
     def step_fn(step: int) -> float:
         x, scenes = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
+        x = x.to(cfg.device)
         set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
         post = vae.encode(x).latent_dist
         err = vae.decode(post.sample()).sample - x
-        weight = object_weight(scenes, cfg.vae_object_weight)
+        weight = object_weight(scenes, cfg.vae_object_weight).to(cfg.device)
         return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
     return loop("vae", cfg.vae_steps, step_fn, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
@@ -108,8 +109,8 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     from models.shapes.latent_code import fit_outline_code
 
     ckpt = Checkpoint(cfg.run_dir / "decoder")
-    source = source_vae(cfg)
-    vae = arch.build_vae()
+    source = source_vae(cfg).to(cfg.device)
+    vae = arch.build_vae().to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
     if ckpt.exists():
         state = ckpt.load({"vae": vae}, opt)
@@ -118,7 +119,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         state = {"step": 0}
     if cfg.outline_code and "outline_code" not in state:
         state["outline_code"] = inherited_code(cfg) or fit_outline_code(
-            lambda x: source.encode(x).latent_dist.mean, cfg.outline_code, cfg.seed)
+            lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), cfg.outline_code, cfg.seed)
     code = torch.tensor(state["outline_code"]) if state.get("outline_code") else None
     rng = random.Random(cfg.seed * 1013 + state["step"])
     gen = torch.Generator().manual_seed(cfg.seed * 1013 + state["step"])
@@ -126,12 +127,14 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
 
     def step_fn(step: int) -> float:
         x, scenes = render_batch(rng, cfg.vae_batch, DECODER_STYLES)
+        x = x.to(cfg.device)
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
             ref, offset = decoder_targets(source, x, scenes, code)
             amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=gen)
-            z = ref.mean + amp * offset + ref.std * torch.randn(ref.mean.shape, generator=gen)
-            weight = object_weight(scenes, cfg.decoder_object_weight)
+            noise = torch.randn(ref.mean.shape, generator=gen)
+            z = ref.mean + amp.to(cfg.device) * offset + ref.std * noise.to(cfg.device)
+            weight = object_weight(scenes, cfg.decoder_object_weight).to(cfg.device)
         rec = vae.decode(z).sample
         # L1 keeps flat areas flat; the gradient term keeps 3 px outlines between close colours (yellow on
         # orange) from blurring below the evaluator's colour threshold (measured: 11% of round trips lost them).
@@ -187,8 +190,9 @@ def decoder_targets(source: Any, x: torch.Tensor, scenes: list[Any], code: torch
     from models.shapes.latent_code import outline_offset, without_outline
 
     if code is None:
-        return source.encode(x).latent_dist, torch.zeros(())
-    return source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist, outline_offset(scenes, code)
+        return source.encode(x).latent_dist, torch.zeros((), device=x.device)
+    filled = render_tensor([without_outline(s) for s in scenes]).to(x.device)
+    return source.encode(filled).latent_dist, outline_offset(scenes, code).to(x.device)
 
 
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
