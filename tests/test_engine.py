@@ -61,12 +61,14 @@ def test_image_i_uses_seed_plus_i(engine, stock_pipe):
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "euler_a", "ddpm"])
 def test_images_of_one_request_equal_each_image_alone(engine, sampler):
     """A request's images share one batched sampler update per step (Engine._sampler_updates); each equals
-    the same seed run alone through a per-sample update, to the bit (the update is elementwise; noise comes
-    from each sample's own generator)."""
+    the same seed run alone through a per-sample update (the update is elementwise; noise comes from each
+    sample's own generator). Within one level, not to the bit: on the 2-core AMD EPYC the UNet itself rounds
+    differently at another batch size (shapes UNet, batch 6 vs 2: outputs 1.5e-6 apart), which moved one
+    value of one image by one level for dpmpp_2m and ddpm; on the Xeon this was bit-exact."""
     res = engine.generate([GenerationRequest("a red box", steps=6, guidance=4.0, seed=20, sampler=sampler, n=3)])[0]
     for i, img in enumerate(res.images):
         alone = engine.generate([GenerationRequest("a red box", steps=6, guidance=4.0, seed=20 + i, sampler=sampler)])
-        assert np.array_equal(img, alone[0].images[0]), (sampler, i)
+        assert diff(img, alone[0].images[0]) <= 1, (sampler, i)
     assert diff(res.images[0], res.images[1]) > 10
 
 
