@@ -48,7 +48,8 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
         x = x.to(cfg.device)
         set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
         post = vae.encode(x).latent_dist
-        err = vae.decode(post.sample()).sample - x
+        noise = torch.randn(post.mean.shape).to(cfg.device)  # post.sample() would draw it on the device
+        err = vae.decode(post.mean + post.std * noise).sample - x
         weight = object_weight(scenes, cfg.vae_object_weight).to(cfg.device)
         return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
