@@ -125,7 +125,6 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     ckpt = Checkpoint(cfg.run_dir / "base")
     tok_dir = cfg.run_dir / "tokenizer"
     tokenizer = arch.build_tokenizer(tok_dir)
-    vae = load_vae(cfg).to(cfg.device)
     torch.manual_seed(cfg.seed)
     unet, te = arch.build_unet().to(cfg.device), arch.build_text_encoder(tok_dir).to(cfg.device)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
@@ -148,7 +147,8 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
         mean, std = lat["mean"], lat["std"]
         scenes = encode_scenes_only(cfg.base_images, cfg.seed + 1)
     else:
-        mean, std, scenes = encode_dataset(vae, cfg.base_images, cfg.seed + 1, "plain")
+        # The VAE is needed only here: a resumed stage reads its latents from the cache.
+        mean, std, scenes = encode_dataset(load_vae(cfg).to(cfg.device), cfg.base_images, cfg.seed + 1, "plain")
         save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, cache)
     scale = latent_scale(mean)
     (cfg.run_dir / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
