@@ -335,6 +335,15 @@ def test_object_weight_favours_pixels_near_the_object():
     for i in range(2):
         assert w[i][inside[i]].min() > 2 * w[i][~inside[i]].min()
     assert float(object_weight(scenes, 0.0).std()) == 0.0
+    # The base stage's version, on the 16 x 16 latent: the object's 4 x 4 patches and their neighbours.
+    lw = object_weight(scenes, 3.0, factor=4, reach=1)
+    assert lw.shape == (2, 1, 16, 16) and torch.allclose(lw.mean(dim=(1, 2, 3)), torch.ones(2))
+    patches = torch.nn.functional.avg_pool2d(object_masks(scenes), 4)
+    for i in range(2):
+        assert lw[i][patches[i] > 0.5].min() > 2 * lw[i][patches[i] == 0].min()
+        assert lw[i].max() == lw[i][patches[i] > 0.5].max()  # the extra weight reaches past the object...
+        assert (lw[i] == lw[i].min()).any()  # ...but not over the whole latent
+    assert (lw[0] > lw[0].min()).sum() < (lw[1] > lw[1].min()).sum()  # small object, fewer weighted pixels
 
 
 def test_edge_loss_penalises_a_blurred_outline_more_than_a_colour_offset():
@@ -371,6 +380,50 @@ def test_snr_cap_sets_the_loss_weight_per_timestep():
         losses[cap] = job.loss(z0, [""] * len(z0)).item()
     assert losses[float("inf")] == pytest.approx(1.0, rel=0.05)
     assert losses[5.0] == pytest.approx(0.05, rel=0.05)
+
+def test_denoising_loss_weighs_latent_pixels():
+    """``Denoising.loss``'s pixel weight: a zero model's v-loss at SNR 99 is ~1 where z0 = 0 and ~2 where
+    z0 = 10 (v = 0.995 eps - 0.1 z0), so weighting one half or the other moves the loss to that half's."""
+    from models.shapes.train import Denoising
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    tok = lambda caps, **k: type("T", (), {"input_ids": torch.zeros(len(caps), 4, dtype=torch.long)})()  # noqa: E731
+    te = lambda ids: (torch.zeros(ids.shape[0], 4, 8),)  # noqa: E731
+    z0 = torch.zeros(4096, 4, 2, 2)
+    z0[..., 0] = 10.0
+    left = torch.tensor([[2.0, 0.0], [2.0, 0.0]]).expand(4096, 1, 2, 2)
+    losses = {}
+    for name, weight in (("none", None), ("left", left), ("right", left.flip(-1))):
+        job = Denoising(tok, te, Zero(), TrainConfig(), seed=1, snr_cap=float("inf"))
+        job.abar = torch.full_like(job.abar, 0.99)
+        losses[name] = job.loss(z0, [""] * len(z0), weight).item()
+    assert losses["left"] == pytest.approx(1.99, rel=0.05)
+    assert losses["right"] == pytest.approx(0.99, rel=0.05)
+    assert losses["none"] == pytest.approx(1.49, rel=0.05)
+
+
+def test_base_stage_weights_the_object(trained, tmp_path):
+    """The base stage's loss is weighted near the object (``base_object_weight``): one step from the same
+    checkpoint, seed and batch moves the UNet differently with and without it, and identically twice without."""
+    from safetensors.torch import load_file
+
+    from models.shapes.train import train_base
+
+    def one_step(name: str, weight: float) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / name, "base_steps": 3,
+                             "base_object_weight": weight})
+        copy_run(trained, cfg.run_dir)  # its base checkpoint is at step 2: one more step
+        train_base(cfg)
+        return load_file(cfg.run_dir / "base" / "unet.safetensors")
+
+    plain, again, weighted = one_step("a", 0.0), one_step("b", 0.0), one_step("c", 3.0)
+    key = "conv_out.weight"
+    assert torch.equal(plain[key], again[key])
+    assert not torch.allclose(plain[key], weighted[key])
+
 
 def test_vae_stage_weights_the_object(tmp_path):
     """The VAE stage's loss is weighted by ``object_weight`` (``vae_object_weight``): one step from the same

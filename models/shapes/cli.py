@@ -25,6 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="length of the outline code in latent standard deviations (0: encode outlines as drawn)")
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
+    p.add_argument("--base-object-weight", type=float,
+                   help="base stage: extra loss weight on latent pixels at and next to the object (0: none)")
     p.add_argument("--lora-steps", type=int)
     p.add_argument("--lora-snr-cap", type=float,
                    help="adapter stages: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
@@ -61,8 +63,8 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
                       device=str(resolve_device(args.device)))
     if args.out:
         cfg.out_dir = Path(args.out)
-    for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images", "lora_steps",
-                 "lora_snr_cap", "lora_pairs"):
+    for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images",
+                 "base_object_weight", "lora_steps", "lora_snr_cap", "lora_pairs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from models.schedules import NoiseSchedule
 from models.shapes import architecture as arch
 from models.shapes.data import caption
+from models.shapes.latent_code import FACTOR
 from models.shapes.train_common import (
     Checkpoint,
     TrainConfig,
@@ -49,7 +50,7 @@ from models.shapes.train_common import (
     sample_scenes,
     set_lr,
 )
-from models.shapes.train_vae import export_vae, load_vae, train_decoder, train_vae
+from models.shapes.train_vae import export_vae, load_vae, object_weight, train_decoder, train_vae
 
 log = logging.getLogger(__name__)
 # Stripes before outline: the outline stage trains part of its steps with the stripes adapter on (train_lora).
@@ -91,7 +92,8 @@ class Denoising:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def loss(self, z0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an image."""
         ids = self.tok(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
                        return_tensors="pt").input_ids
         emb = self.te(ids.to(self.device))[0]
@@ -108,7 +110,10 @@ class Denoising:
         else:
             target = eps
             w = (torch.clamp(snr, max=self.snr_cap) / snr).view(b)
-        return (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        err = F.mse_loss(pred, target, reduction="none")
+        if weight is not None:
+            err = err * weight
+        return (err.mean(dim=(1, 2, 3)) * w).mean()
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, batch: int, scale: float) -> tuple[list[int], torch.Tensor]:
         """A random batch of pre-encoded images: their indices and latents drawn from their posteriors, scaled."""
@@ -161,7 +166,9 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     def step_fn(step: int) -> float:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
         idx, z0 = job.latents(mean, std, cfg.base_batch, scale)
-        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx])), params)
+        batch = [scenes[i] for i in idx]
+        weight = object_weight(batch, cfg.base_object_weight, factor=FACTOR, reach=1).to(cfg.device)
+        loss = descend(opt, job.loss(z0, job.captions(batch), weight), params)
         ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return loss

@@ -34,6 +34,9 @@ class TrainConfig:
     # The same in the VAE stage: without it a 2-resnet VAE from seed 0 encoded object colour so faintly that
     # green, blue and purple shared one latent (round trip: colour 48% after 3000 steps; 99% with it at 1500).
     vae_object_weight: float = 3.0
+    # The same in the base stage, on latent pixels (the object's 4 x 4 patches and their neighbours): a small
+    # object is 5-6% of the latent, and without it the seed-0 run drew small squares as circles (shape 86%).
+    base_object_weight: float = 3.0
     base_steps: int = 12000  # the shipped base had 11,307 steps in its chain of runs
     base_batch: int = 64
     base_images: int = 30000

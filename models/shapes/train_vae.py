@@ -172,12 +172,16 @@ def inherited_code(cfg: TrainConfig) -> list[float] | None:
     return json.loads(f.read_text())["outline_code"] if f and f.is_file() else None
 
 
-def object_weight(scenes: list[Any], extra: float) -> torch.Tensor:
-    """N x 1 x H x W pixel weights averaging 1: ``1 + extra`` within 3 px of the object, 1 elsewhere. The flat
-    background is most of each image and easy; a small object's outline is a few dozen pixels."""
+def object_weight(scenes: list[Any], extra: float, factor: int = 1, reach: int = 3) -> torch.Tensor:
+    """N x 1 x H x W weights averaging 1: ``1 + extra`` within ``reach`` pixels of the object, 1 elsewhere. The
+    flat background is most of each image and easy; a small object's outline is a few dozen pixels. With
+    ``factor`` 4 the pixels are latent pixels (16 x 16; any 4 x 4 patch the object touches counts as object)."""
     from models.shapes.latent_code import object_masks
 
-    near = F.max_pool2d(object_masks(scenes), 7, stride=1, padding=3)
+    masks = object_masks(scenes)
+    if factor > 1:
+        masks = F.max_pool2d(masks, factor)
+    near = F.max_pool2d(masks, 2 * reach + 1, stride=1, padding=reach)
     w = 1 + extra * near
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
