@@ -3,11 +3,12 @@
     diffuserve train shapes                      # all stages, resuming from runs/shapes if present
     diffuserve train shapes --stage base --minutes 30
 
-Each stage checkpoints to ``<run>/<stage>/`` (weights as safetensors, optimizer state with
-``torch.load(weights_only=True)``) every few minutes and at its end, so an interrupted run resumes where
-it stopped. ``export`` writes the diffusers pipeline directory plus ``loras/{outline,stripes}.safetensors``;
-a stage exports only once it has run all its steps, so ``--minutes`` never leaves a partly trained stage in
-the output directory (by default the shipped model).
+Each stage checkpoints to ``<run>/<stage>/`` (weights, EMA and optimizer state as safetensors, and its
+random streams) every few minutes and at its end, so an interrupted run resumes where it stopped and draws
+the batches and noise an uninterrupted run would have (the VAE stages then end bit-identical to one; the
+base stage within float rounding). ``export`` writes the diffusers pipeline directory plus
+``loras/{outline,stripes}.safetensors``; a stage exports only once it has run all its steps, so
+``--minutes`` never leaves a partly trained stage in the output directory (by default the shipped model).
 
 The denoiser is trained as in Ho et al. (Algorithm 1): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, but
 with the v target of Salimans & Ho (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0), loss ||v - v_theta(x_t, t, c)||^2
@@ -42,6 +43,7 @@ from models.shapes.data import caption
 from models.shapes.latent_code import FACTOR
 from models.shapes.train_common import (
     Checkpoint,
+    Randomness,
     TrainConfig,
     descend,
     ema_update,
@@ -89,8 +91,8 @@ class Denoising:
         self.device = torch.device(cfg.device)  # timesteps and noise are drawn on the CPU, then moved
         self.abar = torch.from_numpy(sched.alphas_cumprod).float().to(self.device)
         self.v_prediction = sched.prediction_type == "v_prediction"
-        self.rng = random.Random(seed)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.rand = Randomness(seed)  # checkpointed: rand.state(), rand.restore()
+        self.rng, self.gen = self.rand.py, self.rand.torch
 
     def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an image."""
@@ -159,6 +161,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     (cfg.run_dir / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
     mean, std = mean.to(cfg.device), std.to(cfg.device)
     job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"], cfg.snr_cap)
+    job.rand.restore(state.get("rng"))
     torch.manual_seed(cfg.seed + state["step"])
     unet.train()
     te.train()
@@ -173,8 +176,8 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return loss
 
-    return loop("base", cfg.base_steps, step_fn, lambda s: ckpt.save(modules, opt, s, {}), state["step"], minutes,
-                cfg.checkpoint_minutes)
+    return loop("base", cfg.base_steps, step_fn, lambda s: ckpt.save(modules, opt, s, {"rng": job.rand.state()}),
+                state["step"], minutes, cfg.checkpoint_minutes)
 
 
 def init_from_pipeline(path: Path, unet: Any, te: Any) -> None:
@@ -236,6 +239,7 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
         log.info("outline stage: %s", f"{cfg.lora_pairs:.0%} of steps with {partner} on" if merged else "no pair steps")
     scale = vae.config.scaling_factor
     job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], cfg.lora_snr_cap)
+    job.rand.restore(state.get("rng"))
     unet.train()
 
     def step_fn(step: int) -> float:
@@ -246,8 +250,10 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
         with merged.on() if pair else contextlib.nullcontext():
             return descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx])))
 
-    if not loop(f"lora {style}", cfg.lora_steps, step_fn, lambda s: ckpt.save({"lora": lora_module}, opt, s, {}),
-                state["step"], minutes, cfg.checkpoint_minutes):
+    def save(step: int) -> None:
+        ckpt.save({"lora": lora_module}, opt, step, {"rng": job.rand.state()})
+
+    if not loop(f"lora {style}", cfg.lora_steps, step_fn, save, state["step"], minutes, cfg.checkpoint_minutes):
         return None
     (cfg.out_dir / "loras").mkdir(exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(

@@ -3,6 +3,7 @@ the step loop with its progress bar (``train.py`` runs the stages; ``train_vae.p
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import random
@@ -77,6 +78,49 @@ def render_batch(rng: random.Random, n: int, styles: tuple[str, ...]) -> tuple[t
 
 
 # -- checkpoints --------------------------------------------------------------------------------
+class Randomness:
+    """A stage's random streams: Python's (scenes, captions) and a torch generator (timesteps, noise; by default
+    its own, or e.g. ``torch.default_generator``). Saved in every checkpoint, so a resumed stage draws exactly
+    what an uninterrupted one would have, wherever the timer happened to stop it."""
+
+    def __init__(self, seed: int, generator: torch.Generator | None = None) -> None:
+        self.py = random.Random(seed)
+        self.torch = generator if generator is not None else torch.Generator().manual_seed(seed)
+
+    def state(self) -> dict[str, Any]:
+        version, internal, gauss = self.py.getstate()
+        return {"py": [version, list(internal), gauss],
+                "torch": base64.b64encode(self.torch.get_state().numpy().tobytes()).decode()}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Continue the streams saved by ``state()`` (None, from a checkpoint without them: keep the seed's)."""
+        if state:
+            version, internal, gauss = state["py"]
+            self.py.setstate((version, tuple(internal), gauss))
+            self.torch.set_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """The optimizer's state as safetensors (tensor ``{param index}.{name}``) with its param groups as JSON
+    metadata: checkpoints hold no pickles either."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    save_file(tensors, path, metadata={"param_groups": json.dumps(sd["param_groups"])})
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """Load ``save_optimizer``'s file; the optimizer moves the state onto its parameters' device."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(path).items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 class Checkpoint:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -91,7 +135,7 @@ class Checkpoint:
         for name, m in modules.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
                       tmp / f"{name}.safetensors")
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        save_optimizer(opt, tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
         shutil.rmtree(self.dir, ignore_errors=True)
         tmp.rename(self.dir)  # atomic: a crash mid-save leaves the previous checkpoint intact
@@ -99,9 +143,8 @@ class Checkpoint:
     def load(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None) -> dict:
         for name, m in modules.items():
             m.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
-        if opt is not None:
-            # The optimizer moves its state onto its parameters' device (saved on a GPU, resumed on a CPU or back).
-            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if opt is not None:  # saved on a GPU, resumed on a CPU or back
+            load_optimizer(opt, self.dir / "optimizer.safetensors")
         return json.loads((self.dir / "state.json").read_text())
 
 

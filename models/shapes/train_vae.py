@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from models.shapes import architecture as arch
 from models.shapes.train_common import (
     Checkpoint,
+    Randomness,
     TrainConfig,
     descend,
     loop,
@@ -34,17 +34,20 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
     torch.manual_seed(cfg.seed)
     vae = arch.build_vae().to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = ckpt.load({"vae": vae}, opt)["step"] if ckpt.exists() else 0
+    state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
+    start = state["step"]
     if start == 0:
         # Start with a near-deterministic posterior (std ~ e^-5): with logvar ~ 0 the decoder first sees
         # latents drowned in unit noise and learns washed-out averages; measured here, 2x slower to converge.
         with torch.no_grad():
             vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
-    rng = random.Random(cfg.seed * 1000 + start)
+    # Posterior noise from torch's global generator (seeded above), as the stage always drew it.
+    rand = Randomness(cfg.seed * 1000 + start, torch.default_generator)
+    rand.restore(state.get("rng"))
     vae.train()
 
     def step_fn(step: int) -> float:
-        x, scenes = render_batch(rng, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
+        x, scenes = render_batch(rand.py, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
         x = x.to(cfg.device)
         set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
         post = vae.encode(x).latent_dist
@@ -53,8 +56,8 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
         weight = object_weight(scenes, cfg.vae_object_weight).to(cfg.device)
         return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
-    return loop("vae", cfg.vae_steps, step_fn, lambda s: ckpt.save({"vae": vae}, opt, s, {}), start, minutes,
-                cfg.checkpoint_minutes)
+    return loop("vae", cfg.vae_steps, step_fn, lambda s: ckpt.save({"vae": vae}, opt, s, {"rng": rand.state()}),
+                start, minutes, cfg.checkpoint_minutes)
 
 
 def load_vae(cfg: TrainConfig) -> Any:
@@ -122,18 +125,18 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         state["outline_code"] = inherited_code(cfg) or fit_outline_code(
             lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), cfg.outline_code, cfg.seed)
     code = torch.tensor(state["outline_code"]) if state.get("outline_code") else None
-    rng = random.Random(cfg.seed * 1013 + state["step"])
-    gen = torch.Generator().manual_seed(cfg.seed * 1013 + state["step"])
+    rand = Randomness(cfg.seed * 1013 + state["step"])
+    rand.restore(state.get("rng"))
     vae.train()
 
     def step_fn(step: int) -> float:
-        x, scenes = render_batch(rng, cfg.vae_batch, DECODER_STYLES)
+        x, scenes = render_batch(rand.py, cfg.vae_batch, DECODER_STYLES)
         x = x.to(cfg.device)
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
             ref, offset = decoder_targets(source, x, scenes, code)
-            amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=gen)
-            noise = torch.randn(ref.mean.shape, generator=gen)
+            amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=rand.torch)
+            noise = torch.randn(ref.mean.shape, generator=rand.torch)
             z = ref.mean + amp.to(cfg.device) * offset + ref.std * noise.to(cfg.device)
             weight = object_weight(scenes, cfg.decoder_object_weight).to(cfg.device)
         rec = vae.decode(z).sample
@@ -145,9 +148,10 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         anchor = F.mse_loss(post.mean, ref.mean + offset) + 0.01 * F.mse_loss(post.logvar, ref.logvar)
         return descend(opt, loss + anchor)
 
-    return loop("decoder", cfg.decoder_steps, step_fn,
-                lambda s: ckpt.save({"vae": vae}, opt, s, {"outline_code": state.get("outline_code")}),
-                state["step"], minutes, cfg.checkpoint_minutes)
+    def save(step: int) -> None:
+        ckpt.save({"vae": vae}, opt, step, {"outline_code": state.get("outline_code"), "rng": rand.state()})
+
+    return loop("decoder", cfg.decoder_steps, step_fn, save, state["step"], minutes, cfg.checkpoint_minutes)
 
 
 def grow_vae(vae: Any, source: Any) -> None:
