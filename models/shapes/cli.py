@@ -28,12 +28,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-object-weight", type=float,
                    help="base stage: extra loss weight on latent pixels at and next to the object (0: none)")
     p.add_argument("--lora-steps", type=int)
+    p.add_argument("--lora-images", type=int, help="images each adapter trains on")
     p.add_argument("--lora-snr-cap", type=float,
                    help="adapter stages: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
     p.add_argument("--lora-pairs", type=float,
                    help="fraction of the outline stage's steps on outline+stripes with the stripes adapter on")
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--render-workers", type=int, default=0,
+                   help="processes that render the training images (a GPU box's spare cores; 0: none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
     p.add_argument("--init-from", help="start the decoder and base stages from this exported pipeline when they have "
                    "no checkpoint (after the decoder stage its VAE is written into --out, for the adapters)")
@@ -60,11 +63,11 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     from models.shapes.train import TrainConfig
 
     cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads,
-                      device=str(resolve_device(args.device)))
+                      render_workers=args.render_workers, device=str(resolve_device(args.device)))
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images",
-                 "base_object_weight", "lora_steps", "lora_snr_cap", "lora_pairs"):
+                 "base_object_weight", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:

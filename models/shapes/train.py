@@ -45,10 +45,12 @@ from models.shapes.train_common import (
     Checkpoint,
     Randomness,
     TrainConfig,
+    adamw,
     descend,
     ema_update,
     loop,
     render_batch,
+    render_workers,
     sample_scenes,
     set_lr,
 )
@@ -85,14 +87,14 @@ class Denoising:
     """The denoising loss (v or epsilon target, capped-SNR weight) shared by the base and the LoRA stages."""
 
     def __init__(self, tokenizer: Any, text_encoder: Any, unet: Any, cfg: TrainConfig, seed: int,
-                 snr_cap: float) -> None:
+                 snr_cap: float, rng_state: dict[str, Any] | None = None) -> None:
         self.tok, self.te, self.unet, self.cfg, self.snr_cap = tokenizer, text_encoder, unet, cfg, snr_cap
         sched = NoiseSchedule.from_config(arch.SCHEDULER_CONFIG)
         self.device = torch.device(cfg.device)  # timesteps and noise are drawn on the CPU, then moved
         self.abar = torch.from_numpy(sched.alphas_cumprod).float().to(self.device)
         self.v_prediction = sched.prediction_type == "v_prediction"
-        self.rand = Randomness(seed)  # checkpointed: rand.state(), rand.restore()
-        self.rng, self.gen = self.rand.py, self.rand.torch
+        self.rand = Randomness(seed)  # checkpointed: rand.state(); a resumed stage passes it back as rng_state
+        self.rand.restore(rng_state)
 
     def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an image."""
@@ -100,8 +102,8 @@ class Denoising:
                        return_tensors="pt").input_ids
         emb = self.te(ids.to(self.device))[0]
         b = z0.shape[0]
-        t = torch.randint(0, len(self.abar), (b,), generator=self.gen).to(self.device)
-        eps = torch.randn(z0.shape, generator=self.gen).to(self.device)
+        t = torch.randint(0, len(self.abar), (b,), generator=self.rand.torch).to(self.device)
+        eps = torch.randn(z0.shape, generator=self.rand.torch).to(self.device)
         a = self.abar[t].view(b, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = self.unet(x_t, t, encoder_hidden_states=emb).sample
@@ -119,12 +121,12 @@ class Denoising:
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, batch: int, scale: float) -> tuple[list[int], torch.Tensor]:
         """A random batch of pre-encoded images: their indices and latents drawn from their posteriors, scaled."""
-        idx = torch.randint(0, len(mean), (batch,), generator=self.gen)
-        noise = torch.randn((batch, *mean.shape[1:]), generator=self.gen).to(mean.device)
+        idx = torch.randint(0, len(mean), (batch,), generator=self.rand.torch)
+        noise = torch.randn((batch, *mean.shape[1:]), generator=self.rand.torch).to(mean.device)
         return idx.tolist(), (mean[idx] + std[idx] * noise) * scale
 
     def captions(self, scenes: list[Any]) -> list[str]:
-        return ["" if self.rng.random() < self.cfg.caption_dropout else caption(s, self.rng) for s in scenes]
+        return ["" if self.rand.py.random() < self.cfg.caption_dropout else caption(s, self.rand.py) for s in scenes]
 
 
 def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
@@ -136,7 +138,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     unet, te = arch.build_unet().to(cfg.device), arch.build_text_encoder(tok_dir).to(cfg.device)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    opt = adamw(params, cfg.lr, 1e-2, cfg.device)
     modules = {"unet": unet, "text_encoder": te, "ema_unet": ema_unet, "ema_text_encoder": ema_te}
     if ckpt.exists():
         state = ckpt.load(modules, opt)
@@ -160,8 +162,11 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     scale = latent_scale(mean)
     (cfg.run_dir / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
     mean, std = mean.to(cfg.device), std.to(cfg.device)
-    job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"], cfg.snr_cap)
-    job.rand.restore(state.get("rng"))
+    # Each image's loss weights on its latent pixels, computed once (the scenes are fixed; 1 KB an image, in
+    # chunks: the pixel masks take 16 KB an image) and indexed like the latents.
+    weights = torch.cat([object_weight(scenes[i:i + 1024], cfg.base_object_weight, factor=FACTOR, reach=1)
+                         for i in range(0, len(scenes), 1024)]).to(cfg.device)
+    job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"], cfg.snr_cap, state.get("rng"))
     torch.manual_seed(cfg.seed + state["step"])
     unet.train()
     te.train()
@@ -169,9 +174,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     def step_fn(step: int) -> float:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
         idx, z0 = job.latents(mean, std, cfg.base_batch, scale)
-        batch = [scenes[i] for i in idx]
-        weight = object_weight(batch, cfg.base_object_weight, factor=FACTOR, reach=1).to(cfg.device)
-        loss = descend(opt, job.loss(z0, job.captions(batch), weight), params)
+        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx]), weights[idx]), params)
         ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return loss
@@ -224,22 +227,21 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     unet.add_adapter(LoraConfig(r=arch.LORA_RANK, lora_alpha=arch.LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=list(arch.LORA_TARGETS)))
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lora_lr)
+    opt = adamw(params, cfg.lora_lr, 1e-2, cfg.device)
     ckpt = Checkpoint(cfg.run_dir / f"lora_{style}")
     lora_module = _ParamBag(unet)
     state = ckpt.load({"lora": lora_module}, opt) if ckpt.exists() else {"step": 0}
     data_seed = cfg.seed + LORA_DATA_SEEDS[style]
-    data = {style: encode_dataset(vae, cfg.lora_batch * 200, data_seed, style)}
+    data = {style: encode_dataset(vae, cfg.lora_images, data_seed, style)}
     partner = cfg.out_dir / "loras" / "stripes.safetensors"
     merged = None
     if style == "outline" and cfg.lora_pairs > 0 and partner.is_file():
-        data["pair"] = encode_dataset(vae, cfg.lora_batch * 200, data_seed + 100, "outline+stripes")
+        data["pair"] = encode_dataset(vae, cfg.lora_images, data_seed + 100, "outline+stripes")
         merged = MergedAdapter(unet, partner)
     if style == "outline":
         log.info("outline stage: %s", f"{cfg.lora_pairs:.0%} of steps with {partner} on" if merged else "no pair steps")
     scale = vae.config.scaling_factor
-    job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], cfg.lora_snr_cap)
-    job.rand.restore(state.get("rng"))
+    job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], cfg.lora_snr_cap, state.get("rng"))
     unet.train()
 
     def step_fn(step: int) -> float:
@@ -312,18 +314,27 @@ class _ParamBag(torch.nn.Module):
 def run(cfg: TrainConfig, stages: tuple[str, ...] = STAGES, minutes: float | None = None) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if torch.device(cfg.device).type == "cuda":  # TF32 matmuls and convolutions: fp32 training at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(json.dumps({k: str(v) for k, v in asdict(cfg).items()}, indent=2))
+    with render_workers(cfg.render_workers):
+        run_stages(cfg, stages, minutes)
+
+
+def run_stages(cfg: TrainConfig, stages: tuple[str, ...], minutes: float | None) -> None:
     t0 = time.monotonic()
     for stage in stages:
         left = None if minutes is None else minutes - (time.monotonic() - t0) / 60
         if left is not None and left <= 0:  # not even a later stage's data encoding: run again to resume
             log.info("--minutes spent: stopping before stage %s", stage)
             return
+        t_stage = time.monotonic()
         if not run_stage(cfg, stage, left):
             # Exporting now would put a partly trained stage into the output (by default the shipped model).
             log.info("--minutes spent during stage %s: checkpointed, nothing exported; run again to resume", stage)
             return
+        log.info("stage %s done in %.1f min (data and export included)", stage, (time.monotonic() - t_stage) / 60)
     log.info("stages %s done in %.1f min", stages, (time.monotonic() - t0) / 60)
 
 

@@ -4,11 +4,14 @@ the step loop with its progress bar (``train.py`` runs the stages; ``train_vae.p
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import multiprocessing
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ class TrainConfig:
     base_images: int = 30000
     lora_steps: int = 3000
     lora_batch: int = 32
+    lora_images: int = 6400  # per adapter (and again for the outline stage's pair steps)
     lr: float = 1e-3
     lora_lr: float = 1e-3
     # Loss weight min(SNR + 1, cap) / (SNR + 1), per stage; inf weighs every timestep 1. (Tried for the outline
@@ -60,6 +64,9 @@ class TrainConfig:
     # Where every stage trains ("cuda" on a GPU). Random numbers are drawn on the CPU either way, so a seed picks
     # the same data, timesteps and noise on any device; checkpoints are written from CPU copies.
     device: str = "cpu"
+    # Processes that render the training images (0: the training process does). Rendering is ~1.4 ms an
+    # image on one core: on a GPU it would be most of the VAE stages' time, and of encoding the datasets.
+    render_workers: int = 0
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -67,9 +74,34 @@ def sample_scenes(rng: random.Random, n: int, styles: tuple[str, ...]) -> list[A
     return [random_scene(rng, rng.choice(styles)) for _ in range(n)]
 
 
+_render_pool: tuple[ProcessPoolExecutor, int] | None = None  # (pool, its processes) within render_workers
+
+
+@contextlib.contextmanager
+def render_workers(n: int):
+    """Within the block, ``render_tensor`` renders in ``n`` processes (none if ``n`` is 0). A scene's image
+    depends on the scene alone, so the batches are exactly those rendered in this process."""
+    global _render_pool
+    if n <= 0:
+        yield
+        return
+    # forkserver: the workers do not inherit a CUDA context or torch's thread pools
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        _render_pool = pool, n
+        try:
+            yield
+        finally:
+            _render_pool = None
+
+
 def render_tensor(scenes: list[Any]) -> torch.Tensor:
     """The scenes rendered as an NCHW batch in [-1, 1] (what the VAE takes)."""
-    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if _render_pool is None:
+        images = [render(s) for s in scenes]
+    else:
+        pool, n = _render_pool
+        images = list(pool.map(render, scenes, chunksize=max(1, len(scenes) // (4 * n))))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def render_batch(rng: random.Random, n: int, styles: tuple[str, ...]) -> tuple[torch.Tensor, list[Any]]:
@@ -154,20 +186,29 @@ def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int, tota
         g["lr"] = base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / total)))
 
 
-def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list[torch.nn.Parameter] | None = None) -> float:
-    """One optimizer step on ``loss`` (gradient norm clipped to 1 over ``clip`` if given); returns the loss."""
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str) -> torch.optim.AdamW:
+    """AdamW with its update as a few kernels over all parameters (fused on a GPU, foreach on a CPU) rather
+    than a dozen small ops per parameter: on a GPU those launches, not the arithmetic, would bound a step."""
+    if torch.device(device).type == "cuda":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
+    """One optimizer step on ``loss`` (gradient norm clipped to 1 over ``clip`` if given); returns the loss,
+    detached and where it was computed: reading it (``float``) waits for a GPU, so ``loop`` does that rarely."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(clip, 1.0)
     opt.step()
-    return loss.item()
+    return loss.detach()
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, as one foreach op over all parameters."""
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def loop(name: str, total: int, step_fn, save_fn, start: int, minutes: float | None, every_minutes: float) -> bool:
@@ -184,8 +225,8 @@ def loop(name: str, total: int, step_fn, save_fn, start: int, minutes: float | N
             loss = step_fn(step)
             step += 1
             bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
+            if step % 20 == 0:  # the only read of the loss: on a GPU each read waits for the queued steps
+                bar.set_postfix(loss=f"{float(loss):.4f}")
             if time.monotonic() - last > every_minutes * 60:
                 save_fn(step)
                 saved, last = step, time.monotonic()

@@ -14,6 +14,7 @@ from models.shapes.train_common import (
     Checkpoint,
     Randomness,
     TrainConfig,
+    adamw,
     descend,
     loop,
     render_batch,
@@ -33,7 +34,7 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
     ckpt = Checkpoint(cfg.run_dir / "vae")
     torch.manual_seed(cfg.seed)
     vae = arch.build_vae().to(cfg.device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = adamw(list(vae.parameters()), cfg.lr, 0.0, cfg.device)
     state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
     start = state["step"]
     if start == 0:
@@ -115,7 +116,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     ckpt = Checkpoint(cfg.run_dir / "decoder")
     source = source_vae(cfg).to(cfg.device)
     vae = arch.build_vae().to(cfg.device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+    opt = adamw(list(vae.parameters()), cfg.decoder_lr, 0.0, cfg.device)
     if ckpt.exists():
         state = ckpt.load({"vae": vae}, opt)
     else:
