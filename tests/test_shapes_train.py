@@ -532,7 +532,7 @@ def test_device_script_resumes_across_calls_and_packs_the_pipeline(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
-           "RENDER_WORKERS": "2"}
+           "RENDER_WORKERS": "2", "COMPILE": ""}
     tiny = ["--device", "cpu", "--vae-steps", "2", "--decoder-steps", "2", "--base-steps", "2", "--base-images", "16",
             "--lora-steps", "2", "--lora-images", "16", "--batch", "4"]
 
@@ -594,3 +594,22 @@ def test_ema_update_and_adamw_match_their_per_parameter_forms():
     assert isinstance(loss, torch.Tensor) and not loss.requires_grad  # read only when the progress bar shows it
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
     assert not torch.equal(model.weight, ema.weight)
+
+
+def test_compiled_base_stage_trains_the_same_weights(trained, tmp_path):
+    """--compile traces the UNet and text encoder in place: a compiled step (traced with aot_eager, which
+    runs the traced graphs without generating kernels) gives the eager step's weights under the same keys."""
+    from safetensors.torch import load_file
+
+    from models.shapes.train import train_base
+
+    def one_step(name: str, backend: str) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / name, "base_steps": 3, "compile": backend})
+        copy_run(trained, cfg.run_dir)  # its base checkpoint is at step 2: one more step
+        train_base(cfg)
+        return load_file(cfg.run_dir / "base" / "unet.safetensors") | load_file(cfg.run_dir / "base" / "text_encoder.safetensors")
+
+    eager, traced = one_step("eager", ""), one_step("traced", "aot_eager")
+    assert set(traced) == set(eager)
+    assert all(torch.equal(traced[k], eager[k]) for k in eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did trace

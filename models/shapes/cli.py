@@ -35,6 +35,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the outline stage's steps on outline+stripes with the stripes adapter on")
     p.add_argument("--batch", type=int, help="batch size for every stage")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", nargs="?", const="inductor", default="", metavar="BACKEND",
+                   help="compile the UNet and text encoder of the base and adapter stages (for a GPU; backend: "
+                        "inductor)")
     p.add_argument("--render-workers", type=int, default=0,
                    help="processes that render the training images (a GPU box's spare cores; 0: none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
@@ -63,7 +66,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     from models.shapes.train import TrainConfig
 
     cfg = TrainConfig(run_dir=Path(args.run_dir), seed=args.seed, threads=args.threads,
-                      render_workers=args.render_workers, device=str(resolve_device(args.device)))
+                      render_workers=args.render_workers, compile=args.compile, device=str(resolve_device(args.device)))
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images",

@@ -14,6 +14,8 @@
 # from the seed again. Once every stage is done, $OUT/shapes.tar.part-* hold the pipeline (check them with
 # $OUT/shapes.sha256); here:  cat <files_at>/shapes.tar.part-* | tar -x -C <dir>, then
 #   diffuserve eval shapes --model <dir>    (the bars, and the image time, are measured on the 2-core CPU)
+# The base and adapter stages run compiled ($COMPILE, default inductor; empty: eager): this small UNet's eager
+# step is thousands of kernel launches. $RENDER_WORKERS (default 12) processes render the images.
 # Extra arguments go to `train shapes` (the tests pass tiny step counts and --device cpu).
 set -euo pipefail
 RUN_DIR=${RUN_DIR:-runs/device}
@@ -35,7 +37,8 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 start=$(date +%s)
 set +e
 PYTHONUNBUFFERED=1 "$PY" -m models.shapes train shapes --device cuda --run-dir "$RUN_DIR" --out "$RUN_DIR/out" \
-    --minutes "$MINUTES" --render-workers "${RENDER_WORKERS:-12}" "$@" 2>&1 | tr '\r' '\n' | tee -a "$OUT/train.log"
+    --minutes "$MINUTES" --render-workers "${RENDER_WORKERS:-12}" \
+    --compile "${COMPILE-inductor}" "$@" 2>&1 | tr '\r' '\n' | tee -a "$OUT/train.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "this call trained for $(( $(date +%s) - start )) s (exit $status)" | tee -a "$OUT/train.log"

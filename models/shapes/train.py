@@ -95,6 +95,9 @@ class Denoising:
         self.v_prediction = sched.prediction_type == "v_prediction"
         self.rand = Randomness(seed)  # checkpointed: rand.state(); a resumed stage passes it back as rng_state
         self.rand.restore(rng_state)
+        if cfg.compile:  # in place (Module.compile): the state dicts keep their keys
+            for module in (unet, text_encoder):
+                module.compile(backend=cfg.compile, dynamic=False)
 
     def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an image."""
