@@ -521,8 +521,9 @@ def test_train_device_flag(monkeypatch):
 
 def test_device_script_resumes_across_calls_and_packs_the_pipeline(tmp_path):
     """models/shapes/device_train.sh, as the GPU box runs it but on the CPU with tiny step counts: a call that
-    runs out of minutes packs nothing; the next one resumes, finishes every stage and returns the pipeline
-    in parts that reassemble into a directory our loader reads."""
+    runs out of minutes packs nothing; the next resumes, and once the base stage is done returns its pipeline
+    (for the adapters to be trained elsewhere if need be); the last returns the whole pipeline, in parts that
+    reassemble into a directory our loader reads."""
     import os
     import subprocess
     import sys
@@ -536,29 +537,36 @@ def test_device_script_resumes_across_calls_and_packs_the_pipeline(tmp_path):
     tiny = ["--device", "cpu", "--vae-steps", "2", "--decoder-steps", "2", "--base-steps", "2", "--base-images", "16",
             "--lora-steps", "2", "--lora-images", "16", "--batch", "4"]
 
-    def call(minutes: str, out: Path) -> str:
-        r = subprocess.run(["bash", "models/shapes/device_train.sh", *tiny], cwd=root, capture_output=True, text=True,
-                           env={**env, "MINUTES": minutes, "OUT": str(out)}, timeout=600)
+    def call(minutes: str, out: Path, *extra: str) -> tuple[str, Path | None]:
+        r = subprocess.run(["bash", "models/shapes/device_train.sh", *tiny, *extra], cwd=root, capture_output=True,
+                           text=True, env={**env, "MINUTES": minutes, "OUT": str(out)}, timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        return r.stdout
+        parts = sorted(out.glob("shapes.tar.part-*"))
+        if not parts:
+            return r.stdout, None
+        assert all(p.stat().st_size <= 15 * 2**20 for p in parts)
+        tar, model = out / "shapes.tar", out / "model"
+        tar.write_bytes(b"".join(p.read_bytes() for p in parts))
+        with tarfile.open(tar) as t:
+            t.extractall(model, filter="data")
+        return r.stdout, model
 
-    first = call("0.00001", tmp_path / "out1")  # stops in the VAE stage, after checkpointing it
-    assert "not finished" in first and not list((tmp_path / "out1").glob("shapes.tar.part-*"))
+    first, model = call("0.00001", tmp_path / "out1")  # stops in the VAE stage, after checkpointing it
+    assert "not finished" in first and model is None
     stopped_at = json.loads((tmp_path / "run" / "vae" / "state.json").read_text())["step"]
-    second = call("30", tmp_path / "out2")
-    assert "pipeline packed" in second, second[-2000:]
-    parts = sorted((tmp_path / "out2").glob("shapes.tar.part-*"))
-    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+
+    second, model = call("30", tmp_path / "out2", "--stage", "vae", "--stage", "decoder", "--stage", "base")
+    assert "pipeline packed (base only" in second and "not finished" in second, second[-2000:]
+    assert (model / "model_index.json").is_file() and not (model / "loras").exists()
     log = (tmp_path / "out2" / "train.log").read_text()
     first_bar = next(line for line in log.splitlines() if line.startswith("vae:"))
     assert f"| {stopped_at}/2 [" in first_bar  # the VAE stage resumed where the first call checkpointed it
-    assert "stage outline done" in log
-    tar = tmp_path / "shapes.tar"
-    tar.write_bytes(b"".join(p.read_bytes() for p in parts))
-    with tarfile.open(tar) as t:
-        t.extractall(tmp_path / "model", filter="data")
-    assert (tmp_path / "model" / "loras" / "stripes.safetensors").is_file()
-    assert load_pipeline(tmp_path / "model").unet.config.cross_attention_dim == 128
+
+    third, model = call("30", tmp_path / "out3")
+    assert "pipeline packed (complete)" in third and "not finished" not in third, third[-2000:]
+    assert "stage outline done" in (tmp_path / "out3" / "train.log").read_text()
+    assert (model / "loras" / "stripes.safetensors").is_file()
+    assert load_pipeline(model).unet.config.cross_attention_dim == 128
 
 
 def test_render_workers_render_the_same_batches():

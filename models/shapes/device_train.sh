@@ -11,7 +11,7 @@
 #
 # A call stops its training after $MINUTES (default 8.5), checkpointed in $RUN_DIR. The box keeps ignored
 # files while it stays warm (30 s after a call), so calling again at once resumes there; a cold box starts
-# from the seed again. Once every stage is done, $OUT/shapes.tar.part-* hold the pipeline (check them with
+# from the seed again. Once the base stage is done, $OUT/shapes.tar.part-* hold the pipeline (check them with
 # $OUT/shapes.sha256); here:  cat <files_at>/shapes.tar.part-* | tar -x -C <dir>, then
 #   diffuserve eval shapes --model <dir>    (the bars, and the image time, are measured on the 2-core CPU)
 # The base and adapter stages run compiled ($COMPILE, default inductor; empty: eager): this small UNet's eager
@@ -44,10 +44,16 @@ set -e
 echo "this call trained for $(( $(date +%s) - start )) s (exit $status)" | tee -a "$OUT/train.log"
 [ "$status" -eq 0 ] || exit "$status"
 
-if [ -f "$RUN_DIR/out/loras/outline.safetensors" ]; then  # the last stage's output: every stage is done
+# Once the base stage is done its pipeline comes back, with the adapters finished so far: the adapter stages
+# (~50 min on 2 CPU cores) can also be finished off the box, from that directory:
+#   diffuserve train shapes --stage stripes --stage outline --out DIR --run-dir runs/adapters
+if [ -f "$RUN_DIR/out/model_index.json" ]; then
     tar -C "$RUN_DIR/out" -cf - . | split -b 15M -d - "$OUT/shapes.tar.part-"
     (cd "$OUT" && sha256sum shapes.tar.part-* > shapes.sha256)
-    echo "pipeline packed: $(ls "$OUT" | grep -c '^shapes.tar.part-') part(s) in $OUT"
-else
-    echo "not finished: call again while the box is warm to resume from $RUN_DIR"
+    what=complete
+    if [ ! -f "$RUN_DIR/out/loras/outline.safetensors" ]; then
+        what="base only, adapters: $(ls "$RUN_DIR/out/loras" 2> /dev/null | tr '\n' ' ' || true)"
+    fi
+    echo "pipeline packed ($what): $(ls "$OUT"/shapes.tar.part-* | wc -l) part(s) in $OUT"
 fi
+[ -f "$RUN_DIR/out/loras/outline.safetensors" ] || echo "not finished: call again while the box is warm to resume from $RUN_DIR"
