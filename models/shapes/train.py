@@ -174,7 +174,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     unet.train()
     te.train()
 
-    def step_fn(step: int) -> float:
+    def step_fn(step: int) -> torch.Tensor:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
         idx, z0 = job.latents(mean, std, cfg.base_batch, scale)
         loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx]), weights[idx]), params)
@@ -247,7 +247,7 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], cfg.lora_snr_cap, state.get("rng"))
     unet.train()
 
-    def step_fn(step: int) -> float:
+    def step_fn(step: int) -> torch.Tensor:
         set_lr(opt, cfg.lora_lr, step, 50, cfg.lora_steps)
         pair = merged is not None and int((step + 1) * cfg.lora_pairs) > int(step * cfg.lora_pairs)
         mean, std, scenes = data["pair" if pair else style]

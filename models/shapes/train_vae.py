@@ -47,7 +47,7 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
     rand.restore(state.get("rng"))
     vae.train()
 
-    def step_fn(step: int) -> float:
+    def step_fn(step: int) -> torch.Tensor:
         x, scenes = render_batch(rand.py, cfg.vae_batch, ("plain", "plain", "outline", "stripes"))
         x = x.to(cfg.device)
         set_lr(opt, cfg.lr, step, 200, cfg.vae_steps)
@@ -130,7 +130,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     rand.restore(state.get("rng"))
     vae.train()
 
-    def step_fn(step: int) -> float:
+    def step_fn(step: int) -> torch.Tensor:
         x, scenes = render_batch(rand.py, cfg.vae_batch, DECODER_STYLES)
         x = x.to(cfg.device)
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
