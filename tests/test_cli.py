@@ -1,4 +1,4 @@
-"""The ``diffuserve generate`` CLI, run as a user would (a subprocess), and its argument parsing."""
+"""The ``diffuserve generate`` and ``train`` CLI, run as a user would (a subprocess), and its argument parsing."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def test_make_test_model_then_generate(tmp_path):
     r = run_cli("generate", "a cat", "--model", str(tmp_path / "m"), "--steps", "2", "-o", str(tmp_path / "c.png"))
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "c.png").size == (32, 32)
+
+
+def test_train_reports_its_progress_without_verbose(tmp_path):
+    # `diffuserve` logs warnings only unless -v; a training run's stops and stage times must still be shown.
+    r = run_cli("train", "shapes", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--minutes", "0")
+    assert r.returncode == 0, r.stderr
+    assert "--minutes spent: stopping before stage vae" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_argument_parsers():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 STAGES = ("vae", "decoder", "base", "stripes", "outline")  # models.shapes.train.STAGES, without importing torch here
@@ -84,6 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
     from models.shapes.train import export_pipeline, run
 
     cfg = config_from(args)
+    # `diffuserve` logs at WARNING unless -v; a training run's stage times and stops are its report.
+    if logging.getLogger("models.shapes").level == logging.NOTSET:
+        logging.getLogger("models.shapes").setLevel(logging.INFO)
     stages = tuple(args.stage or STAGES)
     if stages == ("export",):
         print(f"exported {export_pipeline(cfg)}")
