@@ -86,8 +86,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = config_from(args)
     # `diffuserve` logs at WARNING unless -v; a training run's stage times and stops are its report.
-    if logging.getLogger("models.shapes").level == logging.NOTSET:
-        logging.getLogger("models.shapes").setLevel(logging.INFO)
+    log = logging.getLogger("models.shapes")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
     stages = tuple(args.stage or STAGES)
     if stages == ("export",):
         print(f"exported {export_pipeline(cfg)}")

@@ -47,13 +47,13 @@ echo "this call trained for $(( $(date +%s) - start )) s (exit $status)" | tee -
 # Once the base stage is done its pipeline comes back, with the adapters finished so far: the adapter stages
 # (~50 min on 2 CPU cores) can also be finished off the box, from that directory:
 #   diffuserve train shapes --stage stripes --stage outline --out DIR --run-dir runs/adapters
+complete=false
+[ -f "$RUN_DIR/out/loras/outline.safetensors" ] && complete=true  # the last stage's output
 if [ -f "$RUN_DIR/out/model_index.json" ]; then
     tar -C "$RUN_DIR/out" -cf - . | split -b 15M -d - "$OUT/shapes.tar.part-"
     (cd "$OUT" && sha256sum shapes.tar.part-* > shapes.sha256)
     what=complete
-    if [ ! -f "$RUN_DIR/out/loras/outline.safetensors" ]; then
-        what="base only, adapters: $(ls "$RUN_DIR/out/loras" 2> /dev/null | tr '\n' ' ' || true)"
-    fi
+    $complete || what="base only, adapters: $(ls "$RUN_DIR/out/loras" 2> /dev/null | tr '\n' ' ' || true)"
     echo "pipeline packed ($what): $(ls "$OUT"/shapes.tar.part-* | wc -l) part(s) in $OUT"
 fi
-[ -f "$RUN_DIR/out/loras/outline.safetensors" ] || echo "not finished: call again while the box is warm to resume from $RUN_DIR"
+$complete || echo "not finished: call again while the box is warm to resume from $RUN_DIR"
