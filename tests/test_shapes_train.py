@@ -535,3 +535,46 @@ def test_compiled_base_stage_trains_the_same_weights(trained, tmp_path):
     assert set(traced) == set(eager)
     assert all(torch.equal(traced[k], eager[k]) for k in eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did trace
+
+
+def _bare_denoising(**kw):
+    from models.shapes.train import Denoising
+
+    return Denoising(None, None, None, TrainConfig(), seed=5, snr_cap=5.0, **kw)
+
+
+def test_base_timesteps_detail_share():
+    """``base_detail_share`` of the timesteps come from [0, base_detail_t): with share 0.5 and 400, 0.5 + 0.5 * 0.4
+    of them are below 400 (0.4 with share 0). Share 0 draws exactly the stream it drew before the option."""
+    plain, detail = _bare_denoising(), _bare_denoising(detail=(0.5, 400))
+    t_plain, t_detail = plain.timesteps(20000), detail.timesteps(20000)
+    assert torch.equal(t_plain, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(5)))
+    assert (t_plain < 400).float().mean().item() == pytest.approx(0.4, abs=0.02)
+    assert (t_detail < 400).float().mean().item() == pytest.approx(0.7, abs=0.02)
+    assert int(t_detail.min()) >= 0 and int(t_detail.max()) <= 999
+
+
+def test_base_batches_favour_small_objects():
+    """``Denoising.latents`` with odds draws images in proportion to them: small objects at odds 2 against
+    large at 1, half the images small, make 2/3 of the draws; each latent is its image's."""
+    job = _bare_denoising()
+    mean = torch.arange(1000, dtype=torch.float32).view(1000, 1, 1, 1)
+    small = torch.arange(1000) % 2 == 0
+    idx, z0 = job.latents(mean, torch.zeros_like(mean), 20000, 1.0, torch.where(small, 2.0, 1.0))
+    assert small[idx].float().mean().item() == pytest.approx(2 / 3, abs=0.02)
+    assert torch.equal(z0.view(-1), torch.tensor(idx, dtype=torch.float32))
+    idx, _ = job.latents(mean, torch.zeros_like(mean), 20000, 1.0)
+    assert small[idx].float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_train_cli_base_sampling_flags():
+    import argparse
+
+    from models.shapes.cli import add_parsers, config_from
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    cfg = config_from(parser.parse_args(["train", "shapes"]))
+    assert (cfg.base_small_weight, cfg.base_detail_share) == (1.0, 0.0)
+    cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3"]))
+    assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)

@@ -28,6 +28,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-images", type=int)
     p.add_argument("--base-object-weight", type=float,
                    help="base stage: extra loss weight on latent pixels at and next to the object (0: none)")
+    p.add_argument("--base-small-weight", type=float,
+                   help="draw base-stage images of small objects this many times as often as large ones (default 1)")
+    p.add_argument("--base-detail-share", type=float,
+                   help="share of base-stage timesteps drawn from [0, 400), where small shapes are decided (default 0)")
     p.add_argument("--lora-steps", type=int)
     p.add_argument("--lora-images", type=int, help="images each adapter trains on")
     p.add_argument("--lora-snr-cap", type=float,
@@ -71,7 +75,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images",
-                 "base_object_weight", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs"):
+                 "base_object_weight", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.init_from:

@@ -87,8 +87,9 @@ class Denoising:
     """The denoising loss (v or epsilon target, capped-SNR weight) shared by the base and the LoRA stages."""
 
     def __init__(self, tokenizer: Any, text_encoder: Any, unet: Any, cfg: TrainConfig, seed: int,
-                 snr_cap: float, rng_state: dict[str, Any] | None = None) -> None:
+                 snr_cap: float, rng_state: dict[str, Any] | None = None, detail: tuple[float, int] = (0.0, 0)) -> None:
         self.tok, self.te, self.unet, self.cfg, self.snr_cap = tokenizer, text_encoder, unet, cfg, snr_cap
+        self.detail_share, self.detail_t = detail  # that share of timesteps drawn from [0, detail_t)
         sched = NoiseSchedule.from_config(arch.SCHEDULER_CONFIG)
         self.device = torch.device(cfg.device)  # timesteps and noise are drawn on the CPU, then moved
         self.abar = torch.from_numpy(sched.alphas_cumprod).float().to(self.device)
@@ -105,7 +106,7 @@ class Denoising:
                        return_tensors="pt").input_ids
         emb = self.te(ids.to(self.device))[0]
         b = z0.shape[0]
-        t = torch.randint(0, len(self.abar), (b,), generator=self.rand.torch).to(self.device)
+        t = self.timesteps(b).to(self.device)
         eps = torch.randn(z0.shape, generator=self.rand.torch).to(self.device)
         a = self.abar[t].view(b, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
@@ -122,9 +123,22 @@ class Denoising:
             err = err * weight
         return (err.mean(dim=(1, 2, 3)) * w).mean()
 
-    def latents(self, mean: torch.Tensor, std: torch.Tensor, batch: int, scale: float) -> tuple[list[int], torch.Tensor]:
-        """A random batch of pre-encoded images: their indices and latents drawn from their posteriors, scaled."""
-        idx = torch.randint(0, len(mean), (batch,), generator=self.rand.torch)
+    def timesteps(self, b: int) -> torch.Tensor:
+        """Uniform over the schedule, except ``detail_share`` of them uniform over [0, detail_t)."""
+        t = torch.randint(0, len(self.abar), (b,), generator=self.rand.torch)
+        if self.detail_share > 0:  # only then: the default draws the same stream as before the option existed
+            low = torch.randint(0, self.detail_t, (b,), generator=self.rand.torch)
+            t = torch.where(torch.rand(b, generator=self.rand.torch) < self.detail_share, low, t)
+        return t
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, batch: int, scale: float,
+                odds: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+        """A random batch of pre-encoded images (drawn in proportion to ``odds`` if given, else uniformly): their
+        indices and latents drawn from their posteriors, scaled."""
+        if odds is None:
+            idx = torch.randint(0, len(mean), (batch,), generator=self.rand.torch)
+        else:
+            idx = torch.multinomial(odds, batch, replacement=True, generator=self.rand.torch)
         noise = torch.randn((batch, *mean.shape[1:]), generator=self.rand.torch).to(mean.device)
         return idx.tolist(), (mean[idx] + std[idx] * noise) * scale
 
@@ -169,14 +183,18 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     # chunks: the pixel masks take 16 KB an image) and indexed like the latents.
     weights = torch.cat([object_weight(scenes[i:i + 1024], cfg.base_object_weight, factor=FACTOR, reach=1)
                          for i in range(0, len(scenes), 1024)]).to(cfg.device)
-    job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"], cfg.snr_cap, state.get("rng"))
+    odds = None
+    if cfg.base_small_weight != 1:
+        odds = torch.tensor([cfg.base_small_weight if s.size == "small" else 1.0 for s in scenes])
+    job = Denoising(tokenizer, te, unet, cfg, cfg.seed * 7919 + state["step"], cfg.snr_cap, state.get("rng"),
+                    detail=(cfg.base_detail_share, cfg.base_detail_t))
     torch.manual_seed(cfg.seed + state["step"])
     unet.train()
     te.train()
 
     def step_fn(step: int) -> torch.Tensor:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
-        idx, z0 = job.latents(mean, std, cfg.base_batch, scale)
+        idx, z0 = job.latents(mean, std, cfg.base_batch, scale, odds)
         loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx]), weights[idx]), params)
         ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)

@@ -42,6 +42,12 @@ class TrainConfig:
     # object is 5-6% of the latent, and without it the seed-0 run drew small squares as circles (shape 86%).
     base_object_weight: float = 3.0
     base_steps: int = 12000  # the shipped base had 11,307 steps in its chain of runs
+    # Images of small objects are drawn this many times as often as large ones in the base stage (1: uniformly).
+    base_small_weight: float = 1.0
+    # Share of the base stage's timesteps drawn from [0, base_detail_t) rather than [0, 1000): a small object's
+    # shape (square or circle) is decided there (img2img from the other shape flips half of them at t ~ 200).
+    base_detail_share: float = 0.0
+    base_detail_t: int = 400
     base_batch: int = 64
     base_images: int = 30000
     lora_steps: int = 3000
