@@ -82,11 +82,17 @@ def test_prompts_change_the_picture(shapes_engine):
     gave background 100%, colour 99.5%, size 100%, shape 93.5%, position 100%; these 24: 100 / 100 / 100 /
     91.7 / 100%). The floors sit far above chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape, 1/9
     position) and below the measured rates by about two standard errors at n = 24."""
-    from models.shapes.evaluate import evaluate
+    from models.shapes.evaluate import evaluate, held_out_scenes
 
     report = evaluate(shapes_engine, n=24, adapters=False)
     assert report["background"] >= 0.9 and report["color"] >= 0.9, report
     assert report["size"] >= 0.9 and report["shape"] >= 0.8 and report["position"] >= 0.85, report
+    # Shape per size: both sizes occur in 24 held-out scenes, and the two rates average back to the whole.
+    by_size = report["shape_by_size"]
+    scenes = held_out_scenes(24)
+    counts = {size: sum(s.size == size for s in scenes) for size in ("small", "large")}
+    assert set(by_size) == {"small", "large"} and min(counts.values()) > 0
+    assert sum(by_size[k] * counts[k] for k in counts) / 24 == pytest.approx(report["shape"]), report
 
 
 def test_position_probe_centroid_and_estimates():

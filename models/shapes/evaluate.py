@@ -171,6 +171,12 @@ def evaluate(engine: Any, n: int = 200, seed: int = 10_000, steps: int | None = 
     # Where the shape misses go (e.g. "square->circle": small squares drawn as blobs), most common first.
     misreads = Counter(f"{s.shape}->{r.shape}" for s, r in zip(scenes, readings, strict=True) if s.shape != r.shape)
     report["shape_misreads"] = dict(misreads.most_common())
+    # Shape per size: a small object's shape (14-18 px, 4 latent pixels across) is the hard case.
+    report["shape_by_size"] = {
+        size: sum(s.shape == r.shape for s, r in pairs) / len(pairs)
+        for size in sorted({s.size for s in scenes})
+        if (pairs := [(s, r) for s, r in zip(scenes, readings, strict=True) if s.size == size])
+    }
     if adapters:
         report["adapters"] = adapter_effect(engine, scenes[: min(n, 100)], seed, steps, batch)
     one = [GenerationRequest(full_caption(scenes[0]), steps=steps, seed=seed)]
@@ -237,6 +243,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{attr:>12}: {report[attr] * 100:5.1f}%")
     if report.get("shape_misreads"):
         lines.append("shape misreads: " + ", ".join(f"{k} {v}" for k, v in report["shape_misreads"].items()))
+    if report.get("shape_by_size"):
+        lines.append("shape by size: " + ", ".join(f"{k} {v * 100:.1f}%" for k, v in report["shape_by_size"].items()))
     for k, v in report.get("adapters", {}).items():
         lines.append(f"{k:>24}: {v * 100:5.1f}%")
     if "seconds_per_image" in report:
