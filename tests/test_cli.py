@@ -59,6 +59,12 @@ def test_train_reports_its_progress_without_verbose(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_reports_a_bad_flag_without_traceback(tmp_path):
+    r = run_cli("train", "shapes", "--run-dir", str(tmp_path / "bad"), "--base-detail-share", "2", "--minutes", "0")
+    assert r.returncode == 2 and "--base-detail-share must be within [0, 1], got 2.0" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_argument_parsers():
     assert parse_size("64x48") == (64, 48)
     assert parse_lora("outline:0.5") == ("outline", 0.5)

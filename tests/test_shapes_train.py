@@ -578,3 +578,8 @@ def test_train_cli_base_sampling_flags():
     assert (cfg.base_small_weight, cfg.base_detail_share) == (1.0, 0.0)
     cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)
+    from models.errors import InvalidRequest
+
+    for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1")):
+        with pytest.raises(InvalidRequest, match=flag):
+            config_from(parser.parse_args(["train", "shapes", flag, value]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 STAGES = ("vae", "decoder", "base", "stripes", "outline")  # models.shapes.train.STAGES, without importing torch here
@@ -67,6 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from(args: argparse.Namespace):  # -> TrainConfig
+    from models.errors import InvalidRequest
     from models.loading import resolve_device
     from models.shapes.train import TrainConfig
 
@@ -78,6 +80,11 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
                  "base_object_weight", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if not cfg.base_small_weight > 0:  # odds of 0 would leave small objects out, and multinomial fails on all-zero
+        raise InvalidRequest(f"--base-small-weight must be > 0, got {cfg.base_small_weight}", param="base_small_weight")
+    if not 0 <= cfg.base_detail_share <= 1:
+        raise InvalidRequest(f"--base-detail-share must be within [0, 1], got {cfg.base_detail_share}",
+                             param="base_detail_share")
     if args.init_from:
         cfg.init_from = Path(args.init_from)
     if args.batch:
@@ -86,9 +93,14 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from models.errors import DiffuserveError
     from models.shapes.train import export_pipeline, run
 
-    cfg = config_from(args)
+    try:
+        cfg = config_from(args)
+    except DiffuserveError as e:  # a bad flag: its message, not a traceback (as `diffuserve generate`)
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
     # `diffuserve` logs at WARNING unless -v; a training run's stage times and stops are its report.
     log = logging.getLogger("models.shapes")
     if log.level == logging.NOTSET:
