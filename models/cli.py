@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from models.errors import DiffuserveError, InvalidRequest
+from models.sampler_names import canonical_sampler
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 DEFAULT_MODEL = ZOO / "shapes"
@@ -65,16 +66,22 @@ def output_paths(output: str, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from models.engine import Engine, GenerationRequest, default_engine_mode
-    from models.images import to_png
-    from models.loading import load_pipeline
-
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     try:
+        # What can be checked without the model is checked first: a typo fails at once, not after torch is
+        # imported and the pipeline loaded (seconds to minutes).
         width, height = parse_size(args.size) if args.size else (None, None)
         loras = tuple(parse_lora(x) for x in args.lora)
+        if args.sampler:
+            canonical_sampler(args.sampler)
+        from models.loading import check_pipeline_dir, load_pipeline
+
+        check_pipeline_dir(model_dir)
+        from tqdm import tqdm
+
+        from models.engine import Engine, GenerationRequest, default_engine_mode
+        from models.images import to_png
+
         model = load_pipeline(model_dir, device=args.device, dtype=args.dtype)
         lora_dir = args.lora_dir or default_lora_dir(model_dir)
         mode = default_engine_mode(model.device) if args.engine_mode == "auto" else args.engine_mode

@@ -41,6 +41,9 @@ def test_generate_reports_bad_input_without_traceback(tmp_path, tiny_model_dir):
     assert "sampler 'nope' is not supported" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "x", "--model", str(tmp_path / "missing"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    # The sampler is checked before the model is looked at (or torch imported): a typo fails at once.
+    r = run_cli("generate", "x", "--model", str(tmp_path / "missing"), "--sampler", "nope")
+    assert r.returncode == 2 and "sampler 'nope'" in r.stderr and "does not exist" not in r.stderr
 
 
 def test_make_test_model_then_generate(tmp_path):
