@@ -143,3 +143,17 @@ def test_ctrl_c_stops_everything(served):
     assert "diffuserve stopped" in out
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{base}/healthz", timeout=2)
+
+
+def test_serve_counts_gpus_without_importing_torch_where_no_driver_is(tmp_path):
+    """No GPU driver on the machine: the supervisor knows there are no GPUs without importing torch (so it
+    starts its CPU workers that much sooner); with a driver's path present it asks torch."""
+    code = ("import sys; from workers.supervisor import gpu_count; "
+            "print(gpu_count(tuple(sys.argv[1:])), 'torch' in sys.modules)")
+    absent = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-driver")], capture_output=True,
+                            text=True, timeout=60)
+    assert absent.stdout.split() == ["0", "False"], absent.stderr
+    present = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    import torch
+
+    assert present.stdout.split() == [str(torch.cuda.device_count()), "True"], present.stderr
