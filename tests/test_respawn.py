@@ -17,6 +17,7 @@ import uuid
 
 import httpx
 import pytest
+import torch
 
 from workers.contract import JobRequest, Keys, queue_job
 
@@ -50,7 +51,8 @@ def worker_proc(redis_server, tiny_model_dir, tmp_path):
 
 
 @contextlib.contextmanager
-def spawn_worker(redis_server, tiny_model_dir, tmp_path, *extra: str, env: dict[str, str] | None = None):
+def spawn_worker(redis_server, tiny_model_dir, tmp_path, *extra: str, env: dict[str, str] | None = None,
+                 threads: int = 1):
     prefix = f"respawn{uuid.uuid4().hex[:8]}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +61,7 @@ def spawn_worker(redis_server, tiny_model_dir, tmp_path, *extra: str, env: dict[
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "worker", "--redis-url", redis_server.url, "--model",
          str(tiny_model_dir), "--model-name", "tiny", "--prefix", prefix, "--claim-idle-ms", "60000",
-         "--grace-s", "5", "--threads", "1", "--enable-test-faults", "--metrics-port", str(metrics_port), *extra],
+         "--grace-s", "5", "--threads", str(threads), "--enable-test-faults", "--metrics-port", str(metrics_port), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     keys = Keys(prefix)
     r = redis_server.client()
@@ -186,11 +188,15 @@ def test_standalone_worker_serves_its_own_metrics(worker_proc):
 
 @pytest.mark.timeout(600)
 def test_worker_by_default_serves_at_once_and_turns_fast_as_its_graphs_compile(redis_server, tiny_model_dir,
-                                                                              tmp_path):
+                                                                              tmp_path, fast_graphs):
     """The default engine mode of a worker is fast, without the compile wait: it takes jobs at once (eager)
     while a child process compiles, then loads the graphs; heartbeat and metrics say how far it is."""
     env = {k: v for k, v in os.environ.items() if k != "DIFFUSERVE_ENGINE_MODE"}  # the default, "auto"
-    with spawn_worker(redis_server, tiny_model_dir, tmp_path, "--max-batch", "1", env=env) as proc:
+    # As many threads as the test process: inductor's C++ kernels are specialised to the thread count, so the
+    # worker's warm-up finds in the compile cache the graphs the session built (``fast_graphs``), not ~3 min
+    # of compiling on CI's 2 cores. It still starts with them pending and serves eager, as asserted below.
+    with spawn_worker(redis_server, tiny_model_dir, tmp_path, "--max-batch", "1", env=env,
+                      threads=torch.get_num_threads()) as proc:
         first = wait_for(proc.heartbeat, 120, "the first heartbeat")
         assert first["engine_mode"] == "fast" and first["graphs_pending"] == "3", first  # UNet 2 and 1 rows, decode 1
         job = submit(proc, steps=3)
