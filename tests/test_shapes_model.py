@@ -125,17 +125,6 @@ def test_vae_round_trip_is_the_ceiling_and_keeps_the_styles(shapes_engine):
     assert "VAE round trip, outline" in format_report({"n": 16, "vae_round_trip": rt})
 
 
-def test_card_pictures(shapes_engine, tmp_path):
-    from PIL import Image
-
-    from models.shapes.card import PROMPTS, make_pictures
-
-    paths = make_pictures(shapes_engine, tmp_path, seeds=(0,))
-    assert [p.name for p in paths] == ["grid.png", "adapters.png"]
-    assert Image.open(paths[0]).size == (64 * 2, 64 * 2 * len(PROMPTS))  # one seed column, 2x
-    assert Image.open(paths[1]).size == (64 * 2 * 3, 64 * 2 * 6)  # scales 0, 0.5, 1 x (2 adapters x 3 prompts)
-
-
 def test_adapters_show_their_style_only_when_on(shapes_engine):
     """CI-sized version of the card's adapter rows (100 prompts there: outline 0 / 93% at scale 0 / 1,
     stripes 3 / 98%, both 82%; these 16: outline 0 / 93.75%, stripes 0 / 100%, both 87.5%), with room for
@@ -163,7 +152,14 @@ def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
     assert "VAE round trip, stripes" in text
     assert set(json.loads((tmp_path / "vae.json").read_text())["vae_round_trip"]) == {"plain", "outline", "stripes", "outline+stripes"}
     text = run("-n", "2", "--no-adapters", "--pictures", str(tmp_path), "--json", str(tmp_path / "eval.json"))
-    assert (tmp_path / "grid.png").is_file() and (tmp_path / "adapters.png").is_file()
+    # The model card's two pictures (models/shapes/card.py), at 2x: prompts x seeds 0-3, and each adapter's
+    # three prompts at scales 0, 0.5, 1.
+    from PIL import Image
+
+    from models.shapes.card import PROMPTS
+
+    assert Image.open(tmp_path / "grid.png").size == (64 * 2 * 4, 64 * 2 * len(PROMPTS))
+    assert Image.open(tmp_path / "adapters.png").size == (64 * 2 * 3, 64 * 2 * 6)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n"] == 2 and 0 <= report["position"] <= 1 and "position:" in text
     assert report["engine_mode"] == "exact" and "(engine mode exact)" in text
