@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
@@ -22,41 +19,6 @@ def tiny_model_dir(tmp_path_factory):
     from models.testing import build_random_pipeline
 
     return build_random_pipeline(tmp_path_factory.mktemp("models") / "tiny", scale="tiny", seed=0)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _prewarm_fast_graphs(request, tiny_model_dir):
-    """When a selected test asks for ``fast_graphs``: compile the tiny model's fast-mode graphs for a batch of
-    one into inductor's on-disk cache from the start of the session, in the background at the lowest CPU
-    priority (``python -m models.warm``, as a worker's BackgroundWarmup runs it), so the ~3 min of cold
-    compiling on CI's 2 cores uses CPU the other tests leave idle instead of adding to the suite's time."""
-    if not any("fast_graphs" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        yield None
-        return
-    import torch
-
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (read and closed when the session ends)
-    # The test process's thread count: inductor specialises its C++ kernels to it, so that is what the tests'
-    # engines (and a worker started with as many threads) look up in the cache.
-    proc = subprocess.Popen([sys.executable, "-m", "models.warm", str(tiny_model_dir), "--max-batch", "1",
-                             "--threads", str(torch.get_num_threads()), "--nice", "19", "--parent", str(os.getpid())],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    proc.output = log
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    log.close()
-
-
-@pytest.fixture(scope="session")
-def fast_graphs(_prewarm_fast_graphs):
-    """The tiny model's fast-mode graphs for a batch of one, built in the session's background compile (which
-    this waits for; it must succeed). Tests then build the same graphs themselves, from inductor's cache."""
-    proc = _prewarm_fast_graphs
-    rc = proc.wait(timeout=900)
-    proc.output.seek(0)
-    assert rc == 0, proc.output.read().decode(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="session")

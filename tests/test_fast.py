@@ -49,11 +49,10 @@ def test_dynamic_batch_on_cuda_is_one_call():
     assert warm_buckets(32, ()) == [1, 2, 32] and warm_buckets(1, ()) == [1]
 
 
-def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_model_dir, fast_graphs):
-    """Warm-up builds the graphs of a batch of one (UNet rows 1 and 2, decode 1: compiled by the session's
-    ``python -m models.warm``, so loaded here from inductor's cache); then generation at the native size runs
-    compiled with no new compile, at another size eager; both give exact mode's image (to bf16's rounding
-    where the CPU has native bf16)."""
+def test_fast_engine_matches_exact_and_warmup_leaves_nothing_to_compile(tiny_model_dir):
+    """Warm-up compiles the buckets of a batch of one (UNet rows 1 and 2, decode 1); then generation at the
+    native size runs compiled with no new compile, at another size eager; both give exact mode's image
+    (to bf16's rounding where the CPU has native bf16)."""
     from torch._dynamo.utils import counters
 
     from models.engine import Engine, GenerationRequest

@@ -188,13 +188,13 @@ def test_standalone_worker_serves_its_own_metrics(worker_proc):
 
 @pytest.mark.timeout(600)
 def test_worker_by_default_serves_at_once_and_turns_fast_as_its_graphs_compile(redis_server, tiny_model_dir,
-                                                                              tmp_path, fast_graphs):
+                                                                              tmp_path):
     """The default engine mode of a worker is fast, without the compile wait: it takes jobs at once (eager)
     while a child process compiles, then loads the graphs; heartbeat and metrics say how far it is."""
     env = {k: v for k, v in os.environ.items() if k != "DIFFUSERVE_ENGINE_MODE"}  # the default, "auto"
     # As many threads as the test process: inductor's C++ kernels are specialised to the thread count, so the
-    # worker's warm-up finds in the compile cache the graphs the session built (``fast_graphs``), not ~3 min
-    # of compiling on CI's 2 cores. It still starts with them pending and serves eager, as asserted below.
+    # worker's warm-up finds in the compile cache the graphs test_fast.py built (the same tiny model), not ~3
+    # min of compiling again on CI's 2 cores. It still starts with them pending and serves eager, as asserted.
     with spawn_worker(redis_server, tiny_model_dir, tmp_path, "--max-batch", "1", env=env,
                       threads=torch.get_num_threads()) as proc:
         first = wait_for(proc.heartbeat, 120, "the first heartbeat")
