@@ -74,15 +74,14 @@ def run_generate(args: argparse.Namespace) -> int:
         loras = tuple(parse_lora(x) for x in args.lora)
         if args.sampler:
             canonical_sampler(args.sampler)
-        from models.loading import check_pipeline_dir, load_pipeline
+        from models.loading import load_pipeline
 
-        check_pipeline_dir(model_dir)
+        model = load_pipeline(model_dir, device=args.device, dtype=args.dtype)  # checks the directory first
         from tqdm import tqdm
 
         from models.engine import Engine, GenerationRequest, default_engine_mode
         from models.images import to_png
 
-        model = load_pipeline(model_dir, device=args.device, dtype=args.dtype)
         lora_dir = args.lora_dir or default_lora_dir(model_dir)
         mode = default_engine_mode(model.device) if args.engine_mode == "auto" else args.engine_mode
         engine = Engine(model, mode=mode, lora_dir=str(lora_dir) if lora_dir else None)

@@ -184,11 +184,11 @@ def pick_attention(unet: Any, vae: Any, device: torch.device) -> str:
 def load_pipeline(
     path: str | Path, *, device: str = "auto", dtype: str = "auto", name: str | None = None
 ) -> LoadedModel:
+    path = Path(path).expanduser().resolve()
+    check_pipeline_dir(path)  # before importing diffusers (seconds), so a wrong path fails at once
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(path).expanduser().resolve()
-    check_pipeline_dir(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dev, dtype)
     common = {"local_files_only": True, "use_safetensors": True}
