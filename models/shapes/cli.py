@@ -51,6 +51,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "no checkpoint (after the decoder stage its VAE is written into --out, for the adapters)")
     p.set_defaults(func=run_train)
 
+    c = sub.add_parser("carry", help="pack a training run directory into files that can be committed (a run "
+                       "longer than a machine keeps runs/), or unpack one to resume it")
+    c.add_argument("action", choices=["pack", "unpack"])
+    c.add_argument("source", help="pack: the run directory; unpack: the packed directory")
+    c.add_argument("dest", help="pack: the directory to write (replaced); unpack: the run directory to rebuild")
+    c.add_argument("--force", action="store_true", help="unpack over a non-empty run directory")
+    c.set_defaults(func=run_carry)
+
     e = sub.add_parser("eval", help="measure prompt adherence and the adapters' effect")
     e.add_argument("what", choices=["shapes"])
     e.add_argument("--model", help="pipeline directory (default: models/zoo/shapes)")
@@ -112,6 +120,23 @@ def run_train(args: argparse.Namespace) -> int:
     run(cfg, tuple(s for s in stages if s != "export"), args.minutes)
     if "export" in stages:
         export_pipeline(cfg)
+    return 0
+
+
+def run_carry(args: argparse.Namespace) -> int:
+    from models.shapes.carry import CarryError, pack, unpack
+
+    try:
+        if args.action == "pack":
+            manifest = pack(Path(args.source), Path(args.dest))
+        else:
+            manifest = unpack(Path(args.source), Path(args.dest), force=args.force)
+    except CarryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(m["bytes"] for m in manifest["files"].values())
+    print(f"{args.action}ed {len(manifest['files'])} files ({size / 2**20:.1f} MiB) from {args.source} into "
+          f"{args.dest}; checkpointed steps: {json.dumps(manifest['steps'])}")
     return 0
 
 
