@@ -29,14 +29,6 @@ class CarryError(ValueError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _skipped(rel: str) -> bool:
     return any(fnmatch.fnmatch(rel, pattern) for pattern in SKIP)
 
@@ -65,20 +57,29 @@ def pack(run_dir: Path, dest: Path, part_bytes: int = PART_BYTES) -> dict:
         rel = path.relative_to(run_dir).as_posix()
         if _skipped(rel):
             continue
-        size = path.stat().st_size
-        parts = max(1, -(-size // part_bytes))
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if parts == 1:
-            shutil.copyfile(path, target)
-        else:
-            with path.open("rb") as f:
-                for i in range(parts):
-                    Path(f"{target}.part-{i:03d}").write_bytes(f.read(part_bytes))
-        files[rel] = {"bytes": size, "sha256": _sha256(path), "parts": parts}
+        files[rel] = _split(path, dest / rel, part_bytes)
     manifest = {"files": files, "steps": _steps(run_dir)}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def _part(path: Path, i: int) -> Path:
+    return Path(f"{path}.part-{i:03d}")
+
+
+def _split(path: Path, target: Path, part_bytes: int) -> dict:
+    """Copy ``path`` to ``target`` (or, if larger than ``part_bytes``, to ``target.part-000``, ...), hashing it
+    in the same read; returns its manifest entry."""
+    size = path.stat().st_size
+    parts = max(1, -(-size // part_bytes))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for i in range(parts):
+            chunk = f.read(part_bytes)
+            h.update(chunk)
+            (target if parts == 1 else _part(target, i)).write_bytes(chunk)
+    return {"bytes": size, "sha256": h.hexdigest(), "parts": parts}
 
 
 def _steps(run_dir: Path) -> dict[str, int]:
@@ -117,12 +118,15 @@ def _rebuild(src: Path, rel: str, meta: dict, target: Path) -> None:
     """Join one packed file's parts at ``target`` and check it against the manifest."""
     target.parent.mkdir(parents=True, exist_ok=True)
     parts = meta["parts"]
-    pieces = [src / rel] if parts == 1 else [Path(f"{src / rel}.part-{i:03d}") for i in range(parts)]
+    pieces = [src / rel] if parts == 1 else [_part(src / rel, i) for i in range(parts)]
+    h, size = hashlib.sha256(), 0
     with target.open("wb") as out:
         for piece in pieces:
             if not piece.is_file():
                 raise CarryError(f"packed run is missing {piece}")
             with piece.open("rb") as f:
-                shutil.copyfileobj(f, out)
-    if target.stat().st_size != meta["bytes"] or _sha256(target) != meta["sha256"]:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    size += out.write(block)
+    if size != meta["bytes"] or h.hexdigest() != meta["sha256"]:
         raise CarryError(f"{rel} does not match its size or SHA-256 in the manifest")
