@@ -496,7 +496,6 @@ class Worker:
 
     def export_gauges(self) -> None:
         m.RUNNING.labels(self.s.name).set(sum(len(j.samples) for j in self.active.values()))
-        m.GRAPHS_PENDING.labels(self.s.name).set(self.warm.pending if self.warm else 0)
         st = self.engine.adapters.stats
         for event in ("hits", "misses", "loads", "evictions"):
             delta = getattr(st, event) - self._adapter_seen.get(event, 0)
@@ -511,6 +510,10 @@ class Worker:
     def heartbeat(self, gauges: bool = True) -> None:
         if gauges:
             self.export_gauges()
+        # Set with the heartbeat's own value, also from the keep-alive thread (gauges=False): a graph loaded
+        # between two upkeeps must not read 0 pending in the heartbeat and 1 on /metrics.
+        pending = self.warm.pending if self.warm else 0
+        m.GRAPHS_PENDING.labels(self.s.name).set(pending)
         info = self.engine.model.describe()
         key = self.keys.worker(self.s.name)
         now = time.time()
@@ -524,7 +527,7 @@ class Worker:
                 "contract": CONTRACT_VERSION,
                 "stopping": int(self.stopping), "images_per_s": f"{self.images_per_s:.4f}",
                 "max_batch": self.s.max_batch, "respawns": self.s.respawns,
-                "engine_mode": getattr(self.engine, "mode", ""), "graphs_pending": self.warm.pending if self.warm else 0,
+                "engine_mode": getattr(self.engine, "mode", ""), "graphs_pending": pending,
                 "compile": self.warm.status() if self.warm else "",
             })
             p.expire(key, max(3, int(self.s.heartbeat_s * 5)))
