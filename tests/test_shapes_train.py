@@ -36,7 +36,7 @@ def test_minutes_stop_the_run_before_the_next_stage(trained, tmp_path):
     whole dataset and exporting); the stage that ran out checkpointed where it stopped."""
     cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run8", "out_dir": tmp_path / "out8",
                          "vae_steps": 10_000})
-    run(cfg, ("vae", "base"), minutes=0.02)
+    run(cfg, ("vae", "base"), minutes=0.05)  # 3 s, set-up and data encoding included: room for some steps
     step = json.loads((cfg.run_dir / "vae" / "state.json").read_text())["step"]
     assert 0 < step < 10_000
     assert not (cfg.run_dir / "base").exists() and not cfg.out_dir.exists()
@@ -49,15 +49,42 @@ def test_a_stage_stopped_by_minutes_exports_nothing(trained, tmp_path):
     cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run9", "out_dir": tmp_path / "out9",
                          "base_steps": 10_000, "lora_steps": 10_000})
     copy_run(trained, cfg.run_dir)
-    run(cfg, ("base", "stripes"), minutes=0.02)
+    run(cfg, ("base", "stripes"), minutes=0.05)
     step = json.loads((cfg.run_dir / "base" / "state.json").read_text())["step"]
     assert 2 < step < 10_000  # resumed from the copied checkpoint and trained on
     assert not cfg.out_dir.exists()
 
     export_pipeline(trained, cfg.out_dir)  # a finished base for the adapter stage
-    run(cfg, ("stripes",), minutes=0.02)
+    run(cfg, ("stripes",), minutes=0.05)
     assert 0 < json.loads((cfg.run_dir / "lora_stripes" / "state.json").read_text())["step"] < 10_000
     assert not (cfg.out_dir / "loras").exists()
+
+
+def test_minutes_count_from_a_stages_start(trained, tmp_path, monkeypatch):
+    """A stage's clock starts on entry, so building its models and encoding its data count against --minutes
+    (the clock used to start only after encoding: resumed base runs overran by ~4 min). A budget spent
+    while encoding trains nothing, but checkpoints step 0 beside the latent cache, so the next run resumes
+    without encoding again and trains from the same start."""
+    import time
+
+    from models.shapes import train as train_mod
+
+    encode = train_mod.encode_dataset
+
+    def slow_encode(*args, **kwargs):  # encoding that outlasts the budget below (it used to get all of it after)
+        time.sleep(3)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "encode_dataset", slow_encode)
+    cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run10", "out_dir": tmp_path / "out10"})
+    copy_run(trained, cfg.run_dir)
+    shutil.rmtree(cfg.run_dir / "base")
+    (cfg.run_dir / "base_latents.safetensors").unlink(missing_ok=True)
+    assert train_mod.train_base(cfg, minutes=2 / 60) is False
+    assert json.loads((cfg.run_dir / "base" / "state.json").read_text())["step"] == 0
+    assert (cfg.run_dir / "base_latents.safetensors").is_file()
+    assert train_mod.train_base(cfg) is True
+    assert json.loads((cfg.run_dir / "base" / "state.json").read_text())["step"] == cfg.base_steps
 
 
 def test_export_loads_in_our_engine_and_stock_diffusers(trained):

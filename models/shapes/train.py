@@ -46,6 +46,7 @@ from models.shapes.train_common import (
     Randomness,
     TrainConfig,
     adamw,
+    deadline,
     descend,
     ema_update,
     loop,
@@ -148,6 +149,7 @@ class Denoising:
 
 def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     """Train the text encoder and UNet; True once all ``base_steps`` are done."""
+    until = deadline(minutes)
     ckpt = Checkpoint(cfg.run_dir / "base")
     tok_dir = cfg.run_dir / "tokenizer"
     tokenizer = arch.build_tokenizer(tok_dir)
@@ -201,7 +203,7 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
         return loss
 
     return loop("base", cfg.base_steps, step_fn, lambda s: ckpt.save(modules, opt, s, {"rng": job.rand.state()}),
-                state["step"], minutes, cfg.checkpoint_minutes)
+                state["step"], until, cfg.checkpoint_minutes)
 
 
 def init_from_pipeline(path: Path, unet: Any, te: Any) -> None:
@@ -237,6 +239,7 @@ def export_pipeline(cfg: TrainConfig, out: Path | None = None) -> Path:
 def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Path | None:
     """Fine-tune a rank-8 LoRA (PEFT, saved in diffusers' format) on one style, base model frozen. Returns the
     adapter file, written once all ``lora_steps`` are done (None: stopped at ``minutes``, resumable)."""
+    until = deadline(minutes)
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -276,7 +279,7 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     def save(step: int) -> None:
         ckpt.save({"lora": lora_module}, opt, step, {"rng": job.rand.state()})
 
-    if not loop(f"lora {style}", cfg.lora_steps, step_fn, save, state["step"], minutes, cfg.checkpoint_minutes):
+    if not loop(f"lora {style}", cfg.lora_steps, step_fn, save, state["step"], until, cfg.checkpoint_minutes):
         return None
     (cfg.out_dir / "loras").mkdir(exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(

@@ -222,17 +222,23 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def loop(name: str, total: int, step_fn, save_fn, start: int, minutes: float | None, every_minutes: float) -> bool:
+def deadline(minutes: float | None) -> float:
+    """When ``minutes`` from now run out, on the monotonic clock (inf: no limit). A stage takes it on entry, so
+    that its data encoding counts against --minutes too (it used to start the clock only after it)."""
+    return math.inf if minutes is None else time.monotonic() + minutes * 60
+
+
+def loop(name: str, total: int, step_fn, save_fn, start: int, until: float, every_minutes: float) -> bool:
     """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer and at the
-    end; True if it reached ``total`` (False: stopped at ``minutes``, and a stage then exports nothing)."""
+    end; True if it reached ``total`` (False: stopped at the ``until`` deadline, and a stage then exports
+    nothing)."""
     from tqdm import tqdm
 
-    t_end = time.monotonic() + minutes * 60 if minutes else math.inf
     last = time.monotonic()
     step = start
     saved = start or None  # a resumed stage's checkpoint already holds ``start``; a fresh one holds nothing yet
     with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar:
-        while step < total and time.monotonic() < t_end:
+        while step < total and time.monotonic() < until:
             loss = step_fn(step)
             step += 1
             bar.update(1)

@@ -15,6 +15,7 @@ from models.shapes.train_common import (
     Randomness,
     TrainConfig,
     adamw,
+    deadline,
     descend,
     loop,
     render_batch,
@@ -31,6 +32,7 @@ CODE_FILE = "outline_code.json"  # beside an exported VAE: the code it was taugh
 # -- stage 1: VAE ---------------------------------------------------------------------------------
 def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
     """Train the VAE; True once all ``vae_steps`` are done (False: stopped at ``minutes``, resumable)."""
+    until = deadline(minutes)
     ckpt = Checkpoint(cfg.run_dir / "vae")
     torch.manual_seed(cfg.seed)
     vae = arch.build_vae().to(cfg.device)
@@ -58,7 +60,7 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
         return descend(opt, (weight * (err**2 + 0.5 * err.abs())).mean() + 1e-6 * post.kl().mean())
 
     return loop("vae", cfg.vae_steps, step_fn, lambda s: ckpt.save({"vae": vae}, opt, s, {"rng": rand.state()}),
-                start, minutes, cfg.checkpoint_minutes)
+                start, until, cfg.checkpoint_minutes)
 
 
 def load_vae(cfg: TrainConfig) -> Any:
@@ -113,6 +115,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     """
     from models.shapes.latent_code import fit_outline_code
 
+    until = deadline(minutes)
     ckpt = Checkpoint(cfg.run_dir / "decoder")
     source = source_vae(cfg).to(cfg.device)
     vae = arch.build_vae().to(cfg.device)
@@ -152,7 +155,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     def save(step: int) -> None:
         ckpt.save({"vae": vae}, opt, step, {"outline_code": state.get("outline_code"), "rng": rand.state()})
 
-    return loop("decoder", cfg.decoder_steps, step_fn, save, state["step"], minutes, cfg.checkpoint_minutes)
+    return loop("decoder", cfg.decoder_steps, step_fn, save, state["step"], until, cfg.checkpoint_minutes)
 
 
 def grow_vae(vae: Any, source: Any) -> None:
