@@ -127,6 +127,31 @@ def test_lora_stage_writes_a_diffusers_lora(trained):
     assert np.isfinite(styled.images[0]).all()
 
 
+def test_the_stripes_stage_has_its_own_timestep_weighting(trained, tmp_path, monkeypatch):
+    """The stripes adapter trains with its own loss weight cap (by default every timestep weighed 1) and share
+    of timesteps from [0, 400) (its stripes came out faint with the outline adapter's cap 5); the outline
+    adapter keeps lora_snr_cap and uniform timesteps."""
+    pytest.importorskip("peft")
+    import math
+
+    from models.shapes import train as train_mod
+
+    made = []
+
+    class Recording(train_mod.Denoising):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self.snr_cap, self.detail_share, self.detail_t))
+
+    monkeypatch.setattr(train_mod, "Denoising", Recording)
+    cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / "run11", "out_dir": tmp_path / "out11",
+                         "lora_steps": 1, "stripes_detail_share": 0.3})
+    export_pipeline(trained, cfg.out_dir)
+    assert train_lora(cfg, "stripes").is_file() and train_lora(cfg, "outline").is_file()
+    assert made == [(math.inf, 0.3, 400), (5.0, 0.0, 0)]
+    assert (TrainConfig().stripes_snr_cap, TrainConfig().stripes_detail_share) == (math.inf, 0.0)
+
+
 def test_merged_adapter_adds_a_trained_lora_as_stock_diffusers_does(trained, tmp_path):
     """The outline stage's pair steps: a stripes adapter merged into the frozen weights of a UNet that PEFT
     wraps for the outline adapter gives what stock diffusers gives with that adapter loaded, and leaving the
@@ -492,10 +517,13 @@ def test_train_cli_base_sampling_flags():
     add_parsers(parser.add_subparsers())
     cfg = config_from(parser.parse_args(["train", "shapes"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (1.0, 0.0)
-    cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3"]))
+    cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3",
+                                         "--stripes-detail-share", "0", "--stripes-snr-cap", "5"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)
+    assert (cfg.stripes_detail_share, cfg.stripes_snr_cap) == (0.0, 5.0)
     from models.errors import InvalidRequest
 
-    for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1")):
+    for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1"),
+                        ("--stripes-detail-share", "2")):
         with pytest.raises(InvalidRequest, match=flag):
             config_from(parser.parse_args(["train", "shapes", flag, value]))

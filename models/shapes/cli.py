@@ -36,7 +36,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-steps", type=int)
     p.add_argument("--lora-images", type=int, help="images each adapter trains on")
     p.add_argument("--lora-snr-cap", type=float,
-                   help="adapter stages: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
+                   help="outline adapter stage: loss weight min(SNR + 1, cap) / (SNR + 1); inf weighs every step 1")
+    p.add_argument("--stripes-snr-cap", type=float, help="the same for the stripes adapter (default inf)")
+    p.add_argument("--stripes-detail-share", type=float,
+                   help="share of the stripes adapter's timesteps drawn from [0, 400) (default 0)")
     p.add_argument("--lora-pairs", type=float,
                    help="fraction of the outline stage's steps on outline+stripes with the stripes adapter on")
     p.add_argument("--batch", type=int, help="batch size for every stage")
@@ -85,14 +88,16 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images",
-                 "base_object_weight", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs"):
+                 "base_object_weight", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
+                 "stripes_snr_cap", "stripes_detail_share"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if not cfg.base_small_weight > 0:  # odds of 0 would leave small objects out, and multinomial fails on all-zero
         raise InvalidRequest(f"--base-small-weight must be > 0, got {cfg.base_small_weight}", param="base_small_weight")
-    if not 0 <= cfg.base_detail_share <= 1:
-        raise InvalidRequest(f"--base-detail-share must be within [0, 1], got {cfg.base_detail_share}",
-                             param="base_detail_share")
+    for name in ("base_detail_share", "stripes_detail_share"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidRequest(f"{flag} must be within [0, 1], got {getattr(cfg, name)}", param=name)
     if args.init_from:
         cfg.init_from = Path(args.init_from)
     if args.batch:

@@ -265,7 +265,9 @@ def train_lora(cfg: TrainConfig, style: str, minutes: float | None = None) -> Pa
     if style == "outline":
         log.info("outline stage: %s", f"{cfg.lora_pairs:.0%} of steps with {partner} on" if merged else "no pair steps")
     scale = vae.config.scaling_factor
-    job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], cfg.lora_snr_cap, state.get("rng"))
+    snr_cap, detail = ((cfg.stripes_snr_cap, (cfg.stripes_detail_share, cfg.base_detail_t)) if style == "stripes"
+                       else (cfg.lora_snr_cap, (0.0, 0)))
+    job = Denoising(model.tokenizer, te, unet, cfg, cfg.seed * 31 + state["step"], snr_cap, state.get("rng"), detail)
     unet.train()
 
     def step_fn(step: int) -> torch.Tensor:
