@@ -60,8 +60,8 @@ class TrainConfig:
     snr_cap: float = 5.0
     lora_snr_cap: float = 5.0
     # The stripes adapter's own loss weight cap, and share of its timesteps drawn from [0, base_detail_t). The
-    # seed-0 VAE encodes stripes mostly as a flat offset (a latent checkerboard of 0.045 sd; the chain-made
-    # VAE's: 0.41), and with cap 5 the seed-0 adapter drew them too faint at scale 1: shown in 57% (55% with
+    # seed-0 VAE draws the stripes' contrast from a faint latent checkerboard (0.045 sd; the chain-made VAE's:
+    # 0.41) that generated latents lack, and with cap 5 its adapter drew them too faint at scale 1: 57% (55% with
     # 6000 steps; 98% at scale 1.5). Every timestep weighed 1: 72%; with a 0.3 share of low ones too: 69%
     # (64 prompts each). Both still short of the 90% bar.
     stripes_snr_cap: float = math.inf
