@@ -294,115 +294,6 @@ def copy_run(trained, run_dir):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, run_dir / part)
 
 
-def test_decoder_stage_records_the_outline_code_and_export_uses_its_vae(trained, tmp_path):
-    from safetensors.torch import load_file
-
-    from models.shapes.train_vae import load_vae, train_decoder
-
-    cfg = TrainConfig(run_dir=tmp_path / "run3", out_dir=tmp_path / "out3", vae_batch=4, decoder_steps=2,
-                      checkpoint_minutes=60)
-    copy_run(trained, cfg.run_dir)
-    train_decoder(cfg)
-    state = json.loads((cfg.run_dir / "decoder" / "state.json").read_text())
-    assert state["step"] == 2 and len(state["outline_code"]) == 4 and any(state["outline_code"])
-    before = load_file(cfg.run_dir / "vae" / "vae.safetensors")
-    after = load_file(cfg.run_dir / "decoder" / "vae.safetensors")
-    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
-    assert any(not torch.equal(before[k], after[k]) for k in dec)
-    tuned = load_vae(cfg).state_dict()
-    assert all(torch.equal(tuned[k], after[k]) for k in after)
-    exported = load_file(next((export_pipeline(cfg) / "vae").glob("*.safetensors")))
-    assert all(torch.equal(exported[k], after[k]) for k in after)
-    cfg.decoder_steps = 3
-    train_decoder(cfg)  # resumes with the code it fitted, not a new one
-    assert json.loads((cfg.run_dir / "decoder" / "state.json").read_text())["outline_code"] == state["outline_code"]
-
-
-def test_decoder_stage_moves_outlines_to_the_code_and_keeps_other_latents(trained, tmp_path):
-    """The encoder learns outline -> filled object + code while plain and striped latents stay near where the
-    starting VAE put them (the base UNet's latent space). The full-length stage's figures are in the model
-    card; this checks the direction of travel on a few steps."""
-    import random
-
-    from models.shapes.data import random_scene
-    from models.shapes.latent_code import outline_offset, without_outline
-    from models.shapes.train_common import render_tensor
-    from models.shapes.train_vae import load_vae, source_vae, train_decoder
-
-    cfg = TrainConfig(run_dir=tmp_path / "run4", out_dir=tmp_path / "out4", vae_batch=4, decoder_steps=60,
-                      decoder_lr=3e-3, checkpoint_minutes=60)
-    copy_run(trained, cfg.run_dir)
-    train_decoder(cfg)
-    code = torch.tensor(json.loads((cfg.run_dir / "decoder" / "state.json").read_text())["outline_code"])
-    source, tuned = source_vae(cfg), load_vae(cfg)
-    rng = random.Random(99)
-    outlined = [random_scene(rng, "outline") for _ in range(32)]
-    others = [random_scene(rng, rng.choice(["plain", "stripes"])) for _ in range(32)]
-    with torch.no_grad():
-        def mean(vae, scenes):
-            return vae.encode(render_tensor(scenes)).latent_dist.mean
-
-        target = mean(source, [without_outline(s) for s in outlined]) + outline_offset(outlined, code)
-        err_before = (mean(source, outlined) - target).pow(2).mean()
-        err_after = (mean(tuned, outlined) - target).pow(2).mean()
-        drift = (mean(tuned, others) - mean(source, others)).pow(2).mean()
-    # Measured on this barely trained VAE: 0.032 -> 0.020, drift 0.011 (60 steps at lr 3e-3, still warming up).
-    assert err_after < 0.75 * err_before, (err_before, err_after)
-    assert drift < 0.5 * err_before, (drift, err_before)
-
-
-def test_decoder_targets_with_and_without_the_outline_code(trained):
-    """With the code, an outlined scene is aimed at its filled twin's latent plus the code over the object;
-    without it (``--outline-code 0``), every image at its own latent, as drawn."""
-    import random
-
-    from models.shapes.data import random_scene
-    from models.shapes.latent_code import outline_offset, without_outline
-    from models.shapes.train_common import render_tensor
-    from models.shapes.train_vae import decoder_targets, source_vae
-
-    source = source_vae(trained)
-    rng = random.Random(7)
-    scenes = [random_scene(rng, s, size="large") for s in ("outline", "plain", "outline+stripes", "stripes")]
-    x = render_tensor(scenes)
-    code = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    with torch.no_grad():
-        own = source.encode(x).latent_dist.mean
-        twins = source.encode(render_tensor([without_outline(s) for s in scenes])).latent_dist.mean
-    ref, offset = decoder_targets(source, x, scenes, code)
-    assert torch.allclose(ref.mean, twins) and torch.equal(offset, outline_offset(scenes, code))
-    assert not torch.allclose(ref.mean[0], own[0])  # the outline's target is the filled object's latent
-    assert torch.allclose(ref.mean[[1, 3]], own[[1, 3]]) and offset[[1, 3]].abs().max() == 0
-    ref, offset = decoder_targets(source, x, scenes, None)
-    assert torch.allclose(ref.mean, own) and float(offset.abs().max()) == 0
-
-
-def test_decoder_stage_can_continue_an_exported_pipeline(trained, tmp_path):
-    """``--init-from`` without a VAE checkpoint: the stage starts from the pipeline's VAE and writes the tuned
-    one (with the scale that pipeline's UNet was trained with) into --out, for the adapters to train on."""
-    from safetensors.torch import load_file
-
-    out = export_pipeline(trained)
-    cfg = TrainConfig(run_dir=tmp_path / "run5", out_dir=tmp_path / "out5", vae_batch=4, decoder_steps=2,
-                      init_from=out, checkpoint_minutes=60)
-    run(cfg, ("decoder",))
-    assert not (cfg.run_dir / "vae").exists()
-    assert (cfg.out_dir / "model_index.json").is_file() and (cfg.out_dir / "unet").is_dir()
-    start = load_file(next((out / "vae").glob("*.safetensors")))
-    written = load_file(next((cfg.out_dir / "vae").glob("*.safetensors")))
-    assert all(torch.equal(written[k], v) for k, v in load_file(cfg.run_dir / "decoder" / "vae.safetensors").items())
-    assert any(not torch.equal(written[k], start[k]) for k in start)
-    scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
-    assert json.loads((cfg.out_dir / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(scale)
-    # The code the VAE was taught is written beside it, and a decoder stage continuing that pipeline keeps it.
-    code = json.loads((cfg.run_dir / "decoder" / "state.json").read_text())["outline_code"]
-    assert json.loads((cfg.out_dir / "vae" / "outline_code.json").read_text()) == {"outline_code": code}
-    again = TrainConfig(run_dir=tmp_path / "run6", out_dir=tmp_path / "out6", vae_batch=4, decoder_steps=1,
-                        init_from=cfg.out_dir, checkpoint_minutes=60, seed=5)
-    run(again, ("decoder",))
-    assert json.loads((again.run_dir / "decoder" / "state.json").read_text())["outline_code"] == code
-
-
 def test_base_stage_weights_the_object(trained, tmp_path):
     """The base stage's loss is weighted near the object (``base_object_weight``): one step from the same
     checkpoint, seed and batch moves the UNet differently with and without it, and identically twice without."""
@@ -518,9 +409,11 @@ def test_train_cli_base_sampling_flags():
     cfg = config_from(parser.parse_args(["train", "shapes"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (1.0, 0.0)
     cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3",
-                                         "--stripes-detail-share", "0", "--stripes-snr-cap", "5"]))
+                                         "--stripes-detail-share", "0", "--stripes-snr-cap", "5",
+                                         "--stripes-code", "0.5", "--stripes-checker", "0"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)
     assert (cfg.stripes_detail_share, cfg.stripes_snr_cap) == (0.0, 5.0)
+    assert (cfg.stripes_code, cfg.stripes_checker, cfg.outline_code) == (0.5, 0.0, 2.0)
     from models.errors import InvalidRequest
 
     for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1"),

@@ -25,6 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-lr", type=float)
     p.add_argument("--outline-code", type=float,
                    help="length of the outline code in latent standard deviations (0: encode outlines as drawn)")
+    p.add_argument("--stripes-code", type=float, help="the same for the stripes code's flat part (default 1)")
+    p.add_argument("--stripes-checker", type=float,
+                   help="the same for its checkerboard (default 1.25; both 0: encode stripes as drawn)")
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
     p.add_argument("--base-object-weight", type=float,
@@ -87,7 +90,8 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
                       render_workers=args.render_workers, compile=args.compile, device=str(resolve_device(args.device)))
     if args.out:
         cfg.out_dir = Path(args.out)
-    for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "base_steps", "base_images",
+    for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "stripes_code", "stripes_checker",
+                 "base_steps", "base_images",
                  "base_object_weight", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
                  "stripes_snr_cap", "stripes_detail_share"):
         if getattr(args, name) is not None:

@@ -34,6 +34,9 @@ class TrainConfig:
     decoder_lr: float = 5e-4
     # Length of the outline code (latent_code.py) in latent standard deviations; 0 encodes outlines as drawn.
     outline_code: float = 2.0
+    # Lengths of the stripes code's flat part and checkerboard (latent_code.py), the same way; 0 and 0: as drawn.
+    stripes_code: float = 1.0
+    stripes_checker: float = 1.25
     decoder_object_weight: float = 3.0  # extra loss weight near the object (object_weight)
     # The same in the VAE stage: without it a 2-resnet VAE from seed 0 encoded object colour so faintly that
     # green, blue and purple shared one latent (round trip: colour 48% after 3000 steps; 99% with it at 1500).
@@ -59,11 +62,10 @@ class TrainConfig:
     # adapter, whose 3 px lines are drawn at the nearly clean steps that cap 5 weighs down: it was worse.)
     snr_cap: float = 5.0
     lora_snr_cap: float = 5.0
-    # The stripes adapter's own loss weight cap, and share of its timesteps drawn from [0, base_detail_t). The
-    # seed-0 VAE draws the stripes' contrast from a faint latent checkerboard (0.045 sd; the chain-made VAE's:
-    # 0.41) that generated latents lack, and with cap 5 its adapter drew them too faint at scale 1: 57% (55% with
-    # 6000 steps; 98% at scale 1.5). Every timestep weighed 1: 72%; with a 0.3 share of low ones too: 69%
-    # (64 prompts each). Both still short of the 90% bar.
+    # The stripes adapter's own loss weight cap, and share of its timesteps drawn from [0, base_detail_t). Before
+    # the stripes code the seed-0 VAE drew the stripes' contrast from a faint latent checkerboard that generated
+    # latents lacked: cap 5 gave 57% at scale 1, every timestep weighed 1 gave 72%, and so became the default.
+    # With the stripes code (a strong checkerboard) the seed-0 adapter trained this way shows stripes in 100%.
     stripes_snr_cap: float = math.inf
     stripes_detail_share: float = 0.0
     # Fraction of the outline stage's steps on outlined striped images with the stripes adapter merged in,

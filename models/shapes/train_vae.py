@@ -26,7 +26,9 @@ from models.shapes.train_common import (
 # Outlines on stripes are the hardest images to decode (a 3 px line across an 8 px texture), so they get a
 # third of the decoder stage's batches.
 DECODER_STYLES = ("plain", "outline", "outline", "stripes", "outline+stripes", "outline+stripes")
-CODE_FILE = "outline_code.json"  # beside an exported VAE: the code it was taught, for a later decoder stage
+CODE_FILE = "latent_code.json"  # beside an exported VAE: the codes it was taught, for a later decoder stage
+OLD_CODE_FILE = "outline_code.json"  # the same, from before the stripes code
+CODES = ("outline_code", "stripes_flat", "stripes_checker")
 
 
 # -- stage 1: VAE ---------------------------------------------------------------------------------
@@ -81,10 +83,12 @@ def export_vae(cfg: TrainConfig, out: Path) -> None:
     vae.register_to_config(scaling_factor=json.loads(scale_file.read_text())["scaling_factor"])
     vae.save_pretrained(out / "vae", safe_serialization=True)
     tuned = Checkpoint(cfg.run_dir / "decoder")
-    code = json.loads((tuned.dir / "state.json").read_text()).get("outline_code") if tuned.exists() else None
-    (out / "vae" / CODE_FILE).unlink(missing_ok=True)
-    if code:
-        (out / "vae" / CODE_FILE).write_text(json.dumps({"outline_code": code}))
+    state = json.loads((tuned.dir / "state.json").read_text()) if tuned.exists() else {}
+    codes = {k: state[k] for k in CODES if state.get(k)}
+    for name in (CODE_FILE, OLD_CODE_FILE):
+        (out / "vae" / name).unlink(missing_ok=True)
+    if codes:
+        (out / "vae" / CODE_FILE).write_text(json.dumps(codes))
 
 
 # -- stage 1b: decoder fine-tuning and the outline code ---------------------------------------------
@@ -102,18 +106,20 @@ def source_vae(cfg: TrainConfig) -> Any:
 
 
 def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
-    """Fine-tune the decoder (as SD's ft-MSE VAE did) and teach the VAE the outline code (``latent_code``).
+    """Fine-tune the decoder (as SD's ft-MSE VAE did) and teach the VAE the outline and stripes codes
+    (``latent_code``).
 
     The joint VAE stage leaves soft edges and faint blotches on flat backgrounds; the evaluator reads those
     as shape, size and position errors (measured: a round trip through the joint VAE alone scored shape
     59%, position 62%, size 82%). The decoder learns to decode outlined objects from the filled object's
-    latent plus the outline code, at 0.4-1.4 times the code's length (a UNet's code comes out weaker or
-    stronger), and the encoder learns to produce exactly that code while keeping every other image's latent
-    where the starting VAE put it, so the base UNet's latent space does not move. A starting VAE with fewer
+    latent plus the outline code, and striped images from the plain twin's latent plus the stripes code, at
+    0.4-1.4 times the codes' length (a UNet's code comes out weaker or stronger), and the encoder learns to
+    produce exactly those codes while keeping plain images' latents where the starting VAE put them, so the
+    base UNet's latent space does not move. A starting VAE with fewer
     resnets per block than ``VAE_CONFIG`` is grown (``grow_vae``); pixels near the object weigh more
     (``object_weight``). True once all ``decoder_steps`` are done.
     """
-    from models.shapes.latent_code import fit_outline_code
+    from models.shapes.latent_code import fit_codes
 
     until = deadline(minutes)
     ckpt = Checkpoint(cfg.run_dir / "decoder")
@@ -125,10 +131,11 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     else:
         grow_vae(vae, source)
         state = {"step": 0}
-    if cfg.outline_code and "outline_code" not in state:
-        state["outline_code"] = inherited_code(cfg) or fit_outline_code(
-            lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), cfg.outline_code, cfg.seed)
-    code = torch.tensor(state["outline_code"]) if state.get("outline_code") else None
+    if state["step"] == 0:  # a checkpoint keeps the codes it was trained toward (none, from an older stage)
+        state.update(inherited_codes(cfg) or fit_codes(
+            lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), cfg.outline_code, cfg.stripes_code,
+            cfg.stripes_checker, cfg.seed))
+    codes = {k: state[k] for k in CODES if state.get(k)} or None
     rand = Randomness(cfg.seed * 1013 + state["step"])
     rand.restore(state.get("rng"))
     vae.train()
@@ -138,7 +145,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         x = x.to(cfg.device)
         set_lr(opt, cfg.decoder_lr, step, 100, cfg.decoder_steps)
         with torch.no_grad():
-            ref, offset = decoder_targets(source, x, scenes, code)
+            ref, offset = decoder_targets(source, x, scenes, codes)
             amp = 0.4 + torch.rand(len(scenes), 1, 1, 1, generator=rand.torch)
             noise = torch.randn(ref.mean.shape, generator=rand.torch)
             z = ref.mean + amp.to(cfg.device) * offset + ref.std * noise.to(cfg.device)
@@ -153,7 +160,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         return descend(opt, loss + anchor)
 
     def save(step: int) -> None:
-        ckpt.save({"vae": vae}, opt, step, {"outline_code": state.get("outline_code"), "rng": rand.state()})
+        ckpt.save({"vae": vae}, opt, step, {**{k: state.get(k) for k in CODES}, "rng": rand.state()})
 
     return loop("decoder", cfg.decoder_steps, step_fn, save, state["step"], until, cfg.checkpoint_minutes)
 
@@ -173,11 +180,14 @@ def grow_vae(vae: Any, source: Any) -> None:
             conv2.bias.zero_()
 
 
-def inherited_code(cfg: TrainConfig) -> list[float] | None:
-    """The outline code of the ``--init-from`` pipeline's VAE, if it was taught one: a continued decoder stage
-    keeps it (a code fitted again would differ a little, and that pipeline's outline adapter draws the old one)."""
-    f = cfg.init_from / "vae" / CODE_FILE if cfg.init_from else None
-    return json.loads(f.read_text())["outline_code"] if f and f.is_file() else None
+def inherited_codes(cfg: TrainConfig) -> dict[str, list[float]] | None:
+    """The codes of the ``--init-from`` pipeline's VAE, if it was taught any: a continued decoder stage keeps
+    them (codes fitted again would differ a little, and that pipeline's adapters draw the old ones)."""
+    for name in (CODE_FILE, OLD_CODE_FILE):
+        f = cfg.init_from / "vae" / name if cfg.init_from else None
+        if f and f.is_file():
+            return json.loads(f.read_text())
+    return None
 
 
 def object_weight(scenes: list[Any], extra: float, factor: int = 1, reach: int = 3) -> torch.Tensor:
@@ -195,17 +205,18 @@ def object_weight(scenes: list[Any], extra: float, factor: int = 1, reach: int =
 
 
 @torch.no_grad()
-def decoder_targets(source: Any, x: torch.Tensor, scenes: list[Any], code: torch.Tensor | None) -> tuple[Any, Any]:
+def decoder_targets(source: Any, x: torch.Tensor, scenes: list[Any], codes: dict[str, Any] | None) -> tuple[Any, Any]:
     """What the decoder stage trains toward: the starting VAE's posterior of each image (``x``, the scenes
     rendered) and an offset to add to its mean. With the outline code, an outlined scene's posterior is its
-    filled twin's and the offset is the code over the object (zero for other scenes); without it, each
-    image's own posterior and no offset."""
-    from models.shapes.latent_code import outline_offset, without_outline
+    filled twin's and the offset is the code over the object; with the stripes code, a striped scene's is its
+    plain twin's and the offset is that code over the background (``latent_code.latent_offset``; zero for plain
+    scenes). Without codes, each image's own posterior and no offset."""
+    from models.shapes.latent_code import latent_offset, twin
 
-    if code is None:
+    if not codes:
         return source.encode(x).latent_dist, torch.zeros((), device=x.device)
-    filled = render_tensor([without_outline(s) for s in scenes]).to(x.device)
-    return source.encode(filled).latent_dist, outline_offset(scenes, code).to(x.device)
+    twins = render_tensor([twin(s, codes) for s in scenes]).to(x.device)
+    return source.encode(twins).latent_dist, latent_offset(scenes, codes).to(x.device)
 
 
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
