@@ -93,6 +93,11 @@ def test_prompts_change_the_picture(shapes_engine):
     counts = {size: sum(s.size == size for s in scenes) for size in ("small", "large")}
     assert set(by_size) == {"small", "large"} and min(counts.values()) > 0
     assert sum(by_size[k] * counts[k] for k in counts) / 24 == pytest.approx(report["shape"]), report
+    # Prompts naming colour and shape only ("a red circle", the README's first example): these weights draw
+    # that colour and that shape in 23 / 24 each (93 / 90% of the evaluator's 100). The seed-0 run's base
+    # (session 28) drew 17 / 24 each (65 / 67% of 100), often painting the background in the object's colour,
+    # and would fail.
+    assert report["partial"]["color"] >= 0.85 and report["partial"]["shape"] >= 0.8, report
 
 
 def test_position_probe_centroid_and_estimates():
