@@ -386,6 +386,26 @@ def test_base_timesteps_detail_share():
     assert int(t_detail.min()) >= 0 and int(t_detail.max()) <= 999
 
 
+def test_attribute_drop_sets_how_often_captions_leave_attributes_out():
+    """``attribute_drop`` reaches ``data.caption``: at 1 every caption names nothing ("a shape", or "" when the
+    whole caption is dropped for CFG); at 0 every one names all five; at 0.2 (the default) the stream of
+    captions is the one the stage drew before the option."""
+    import random
+
+    from models.shapes.data import caption, random_scene
+    from models.shapes.train import Denoising
+
+    scenes = [random_scene(random.Random(i)) for i in range(200)]
+    job = Denoising(None, None, None, TrainConfig(attribute_drop=1.0), seed=5, snr_cap=5.0)
+    assert set(job.captions(scenes)) <= {"", "a shape", "shape"}
+    job = Denoising(None, None, None, TrainConfig(attribute_drop=0.0), seed=5, snr_cap=5.0)
+    captions = job.captions(scenes)
+    assert sum(bool(c) for c in captions) > 150
+    assert all(s.color in c and s.background in c for s, c in zip(scenes, captions, strict=True) if c)
+    default, rng = _bare_denoising().captions(scenes), _bare_denoising().rand.py
+    assert default == ["" if rng.random() < 0.1 else caption(s, rng) for s in scenes]
+
+
 def test_base_batches_favour_small_objects():
     """``Denoising.latents`` with odds draws images in proportion to them: small objects at odds 2 against
     large at 1, half the images small, make 2/3 of the draws; each latent is its image's."""
@@ -410,13 +430,13 @@ def test_train_cli_base_sampling_flags():
     assert (cfg.base_small_weight, cfg.base_detail_share) == (1.0, 0.0)
     cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3",
                                          "--stripes-detail-share", "0", "--stripes-snr-cap", "5",
-                                         "--stripes-code", "0.5", "--stripes-checker", "0"]))
+                                         "--stripes-code", "0.5", "--stripes-checker", "0", "--attribute-drop", "0.4"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)
     assert (cfg.stripes_detail_share, cfg.stripes_snr_cap) == (0.0, 5.0)
-    assert (cfg.stripes_code, cfg.stripes_checker, cfg.outline_code) == (0.5, 0.0, 2.0)
+    assert (cfg.stripes_code, cfg.stripes_checker, cfg.outline_code, cfg.attribute_drop) == (0.5, 0.0, 2.0, 0.4)
     from models.errors import InvalidRequest
 
     for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1"),
-                        ("--stripes-detail-share", "2")):
+                        ("--stripes-detail-share", "2"), ("--attribute-drop", "1.5")):
         with pytest.raises(InvalidRequest, match=flag):
             config_from(parser.parse_args(["train", "shapes", flag, value]))

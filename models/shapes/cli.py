@@ -43,6 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stripes-snr-cap", type=float, help="the same for the stripes adapter (default inf)")
     p.add_argument("--stripes-detail-share", type=float,
                    help="share of the stripes adapter's timesteps drawn from [0, 400) (default 0)")
+    p.add_argument("--attribute-drop", type=float,
+                   help="chance that a training caption leaves out each attribute (default 0.2)")
     p.add_argument("--lora-pairs", type=float,
                    help="fraction of the outline stage's steps on outline+stripes with the stripes adapter on")
     p.add_argument("--batch", type=int, help="batch size for every stage")
@@ -93,12 +95,12 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "stripes_code", "stripes_checker",
                  "base_steps", "base_images",
                  "base_object_weight", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
-                 "stripes_snr_cap", "stripes_detail_share"):
+                 "attribute_drop", "stripes_snr_cap", "stripes_detail_share"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if not cfg.base_small_weight > 0:  # odds of 0 would leave small objects out, and multinomial fails on all-zero
         raise InvalidRequest(f"--base-small-weight must be > 0, got {cfg.base_small_weight}", param="base_small_weight")
-    for name in ("base_detail_share", "stripes_detail_share"):
+    for name in ("base_detail_share", "stripes_detail_share", "attribute_drop"):
         if not 0 <= getattr(cfg, name) <= 1:
             flag = "--" + name.replace("_", "-")
             raise InvalidRequest(f"{flag} must be within [0, 1], got {getattr(cfg, name)}", param=name)

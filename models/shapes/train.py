@@ -144,7 +144,8 @@ class Denoising:
         return idx.tolist(), (mean[idx] + std[idx] * noise) * scale
 
     def captions(self, scenes: list[Any]) -> list[str]:
-        return ["" if self.rand.py.random() < self.cfg.caption_dropout else caption(s, self.rand.py) for s in scenes]
+        drop, rng = self.cfg.attribute_drop, self.rand.py
+        return ["" if rng.random() < self.cfg.caption_dropout else caption(s, rng, drop) for s in scenes]
 
 
 def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:

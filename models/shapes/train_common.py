@@ -73,6 +73,8 @@ class TrainConfig:
     lora_pairs: float = 0.5
     ema: float = 0.999
     caption_dropout: float = 0.1
+    # Chance that a training caption leaves out each attribute (data.caption), so partial prompts work.
+    attribute_drop: float = 0.2
     checkpoint_minutes: float = 3.0
     init_from: Path | None = None  # an exported pipeline to start the base stage from (no checkpoint)
     threads: int = 0  # 0: torch's default
