@@ -102,7 +102,8 @@ class Denoising:
                 module.compile(backend=cfg.compile, dynamic=False)
 
     def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an image."""
+        """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an
+        image, at the timesteps below ``cfg.base_object_weight_t`` (the others weigh every pixel 1)."""
         ids = self.tok(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
                        return_tensors="pt").input_ids
         emb = self.te(ids.to(self.device))[0]
@@ -121,7 +122,7 @@ class Denoising:
             w = (torch.clamp(snr, max=self.snr_cap) / snr).view(b)
         err = F.mse_loss(pred, target, reduction="none")
         if weight is not None:
-            err = err * weight
+            err = err * torch.where((t < self.cfg.base_object_weight_t).view(b, 1, 1, 1), weight, 1.0)
         return (err.mean(dim=(1, 2, 3)) * w).mean()
 
     def timesteps(self, b: int) -> torch.Tensor:
