@@ -434,11 +434,11 @@ def test_train_cli_base_sampling_flags():
     cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3",
                                          "--stripes-detail-share", "0", "--stripes-snr-cap", "5",
                                          "--stripes-code", "0.5", "--stripes-checker", "0", "--attribute-drop", "0.4",
-                                         "--base-object-weight-t", "400"]))
+                                         "--base-object-weight-t", "1000"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)
     assert (cfg.stripes_detail_share, cfg.stripes_snr_cap) == (0.0, 5.0)
     assert (cfg.stripes_code, cfg.stripes_checker, cfg.outline_code, cfg.attribute_drop) == (0.5, 0.0, 2.0, 0.4)
-    assert (cfg.base_object_weight_t, config_from(parser.parse_args(["train", "shapes"])).base_object_weight_t) == (400, 1000)
+    assert (cfg.base_object_weight_t, config_from(parser.parse_args(["train", "shapes"])).base_object_weight_t) == (1000, 400)
     from models.errors import InvalidRequest
 
     for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1"),

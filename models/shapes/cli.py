@@ -33,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-object-weight", type=float,
                    help="base stage: extra loss weight on latent pixels at and next to the object (0: none)")
     p.add_argument("--base-object-weight-t", type=int,
-                   help="base stage: apply that weight only at timesteps below this (default 1000: all)")
+                   help="base stage: apply that weight only at timesteps below this (default 400; 1000: all)")
     p.add_argument("--base-small-weight", type=float,
                    help="draw base-stage images of small objects this many times as often as large ones (default 1)")
     p.add_argument("--base-detail-share", type=float,

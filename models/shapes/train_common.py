@@ -44,10 +44,11 @@ class TrainConfig:
     # The same in the base stage, on latent pixels (the object's 4 x 4 patches and their neighbours): a small
     # object is 5-6% of the latent, and without it the seed-0 run drew small squares as circles (shape 86%).
     base_object_weight: float = 3.0
-    # ... applied only at timesteps below this (1000: all). The object weight cost prompts without a position:
-    # seed 0's base drew "a red circle" right 65% of the time (often on red), and 1500 steps without it gave
-    # 88% but small shapes 80% (NOTES.md, session 28).
-    base_object_weight_t: int = 1000
+    # ... applied only at timesteps below this (1000: all), where a small object's shape is decided. Weighted at
+    # every timestep it cost prompts without a position: seed 0's base drew "a red circle" right 65% of the time
+    # (often on red). 1500-step fine-tunes of that base: unweighted, 88% but small shapes 80%; weighted below
+    # 400, 89% and shape 97% (small 94%) (NOTES.md, session 28).
+    base_object_weight_t: int = 400
     base_steps: int = 12000  # the shipped base had 11,307 steps in its chain of runs
     # Images of small objects are drawn this many times as often as large ones in the base stage (1: uniformly).
     base_small_weight: float = 1.0
