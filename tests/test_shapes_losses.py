@@ -111,10 +111,13 @@ def test_denoising_loss_weighs_latent_pixels():
     z0[..., 0] = 10.0
     left = torch.tensor([[2.0, 0.0], [2.0, 0.0]]).expand(4096, 1, 2, 2)
     losses = {}
-    for name, weight in (("none", None), ("left", left), ("right", left.flip(-1))):
-        job = Denoising(tok, te, Zero(), TrainConfig(), seed=1, snr_cap=float("inf"))
+    for name, weight, below_t in (("none", None, 1000), ("left", left, 1000), ("right", left.flip(-1), 1000),
+                                  ("left below 400", left, 400)):
+        job = Denoising(tok, te, Zero(), TrainConfig(base_object_weight_t=below_t), seed=1, snr_cap=float("inf"))
         job.abar = torch.full_like(job.abar, 0.99)
         losses[name] = job.loss(z0, [""] * len(z0), weight).item()
     assert losses["left"] == pytest.approx(1.99, rel=0.05)
     assert losses["right"] == pytest.approx(0.99, rel=0.05)
     assert losses["none"] == pytest.approx(1.49, rel=0.05)
+    # ``base_object_weight_t`` 400 (the default): the weight applies to the 40% of timesteps below 400 only.
+    assert losses["left below 400"] == pytest.approx(0.4 * 1.99 + 0.6 * 1.49, rel=0.03)
