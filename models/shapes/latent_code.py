@@ -37,10 +37,15 @@ from models.shapes.data import COLORS, object_mask, random_scene
 FACTOR = 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)  # the VAE's downsampling, as LoadedModel.vae_scale_factor
 
 
+def without_styles(scene: Any, drop: set[str]) -> Any:
+    """The same scene without the styles in ``drop`` (plain when none is left)."""
+    styles = [s for s in scene.style.split("+") if s not in drop]
+    return dataclasses.replace(scene, style="+".join(styles) or "plain")
+
+
 def without_outline(scene: Any) -> Any:
     """The same scene with its object filled (a plain or striped background kept as it is)."""
-    styles = [s for s in scene.style.split("+") if s != "outline"]
-    return dataclasses.replace(scene, style="+".join(styles) or "plain")
+    return without_styles(scene, {"outline"})
 
 
 def object_masks(scenes: list[Any]) -> torch.Tensor:
@@ -55,10 +60,6 @@ def latent_masks(scenes: list[Any]) -> torch.Tensor:
 
 def has_style(scenes: list[Any], style: str) -> torch.Tensor:
     return torch.tensor([float(style in s.style.split("+")) for s in scenes]).view(-1, 1, 1, 1)
-
-
-def is_outlined(scenes: list[Any]) -> torch.Tensor:
-    return has_style(scenes, "outline")
 
 
 def checkerboard(side: int = 64 // FACTOR) -> torch.Tensor:
@@ -104,7 +105,7 @@ def fit_outline_code(encode_mean: Any, strength: float, seed: int, n: int = 512)
 
 def outline_offset(scenes: list[Any], code: torch.Tensor) -> torch.Tensor:
     """N x C x 16 x 16: the code over each outlined object's area, zero elsewhere and for other scenes."""
-    return is_outlined(scenes) * code.view(1, -1, 1, 1) * latent_masks(scenes)
+    return has_style(scenes, "outline") * code.view(1, -1, 1, 1) * latent_masks(scenes)
 
 
 def stripes_offset(scenes: list[Any], flat: torch.Tensor, checker: torch.Tensor) -> torch.Tensor:
@@ -117,10 +118,10 @@ def stripes_offset(scenes: list[Any], flat: torch.Tensor, checker: torch.Tensor)
 def latent_offset(scenes: list[Any], codes: dict[str, Any]) -> torch.Tensor:
     """The outline offset plus, when ``codes`` holds a stripes code, the stripes offset."""
     t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in codes.items() if v is not None}
-    off = outline_offset(scenes, t["outline_code"]) if "outline_code" in t else torch.zeros(())
+    none = torch.zeros(())  # a missing part adds nothing (broadcast over the channels)
+    off = outline_offset(scenes, t["outline_code"]) if "outline_code" in t else none
     if "stripes_flat" in t or "stripes_checker" in t:
-        zero = torch.zeros_like(t.get("stripes_flat", t.get("stripes_checker")))
-        off = off + stripes_offset(scenes, t.get("stripes_flat", zero), t.get("stripes_checker", zero))
+        off = off + stripes_offset(scenes, t.get("stripes_flat", none), t.get("stripes_checker", none))
     return off
 
 
@@ -130,5 +131,4 @@ def twin(scene: Any, codes: dict[str, Any]) -> Any:
     drop = {"outline"} if codes.get("outline_code") is not None else set()
     if codes.get("stripes_flat") is not None or codes.get("stripes_checker") is not None:
         drop.add("stripes")
-    styles = [s for s in scene.style.split("+") if s not in drop]
-    return dataclasses.replace(scene, style="+".join(styles) or "plain")
+    return without_styles(scene, drop)

@@ -83,8 +83,7 @@ def export_vae(cfg: TrainConfig, out: Path) -> None:
     vae.register_to_config(scaling_factor=json.loads(scale_file.read_text())["scaling_factor"])
     vae.save_pretrained(out / "vae", safe_serialization=True)
     tuned = Checkpoint(cfg.run_dir / "decoder")
-    state = json.loads((tuned.dir / "state.json").read_text()) if tuned.exists() else {}
-    codes = {k: state[k] for k in CODES if state.get(k)}
+    codes = taught_codes(json.loads((tuned.dir / "state.json").read_text()) if tuned.exists() else {})
     for name in (CODE_FILE, OLD_CODE_FILE):
         (out / "vae" / name).unlink(missing_ok=True)
     if codes:
@@ -131,11 +130,11 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
     else:
         grow_vae(vae, source)
         state = {"step": 0}
-    if state["step"] == 0:  # a checkpoint keeps the codes it was trained toward (none, from an older stage)
+    lengths = (cfg.outline_code, cfg.stripes_code, cfg.stripes_checker)
+    if state["step"] == 0 and any(lengths):  # a checkpoint keeps the codes it was trained toward
         state.update(inherited_codes(cfg) or fit_codes(
-            lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), cfg.outline_code, cfg.stripes_code,
-            cfg.stripes_checker, cfg.seed))
-    codes = {k: state[k] for k in CODES if state.get(k)} or None
+            lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), *lengths, cfg.seed))
+    codes = taught_codes(state) or None
     rand = Randomness(cfg.seed * 1013 + state["step"])
     rand.restore(state.get("rng"))
     vae.train()
@@ -178,6 +177,11 @@ def grow_vae(vae: Any, source: Any) -> None:
             conv2 = vae.get_submodule(block).conv2
             conv2.weight.zero_()
             conv2.bias.zero_()
+
+
+def taught_codes(state: dict[str, Any]) -> dict[str, list[float]]:
+    """The codes a decoder stage's state holds (those it was taught; none from a stage without them)."""
+    return {k: state[k] for k in CODES if state.get(k)}
 
 
 def inherited_codes(cfg: TrainConfig) -> dict[str, list[float]] | None:
