@@ -116,8 +116,11 @@ def test_denoising_loss_weighs_latent_pixels():
         job = Denoising(tok, te, Zero(), TrainConfig(base_object_weight_t=below_t), seed=1, snr_cap=float("inf"))
         job.abar = torch.full_like(job.abar, 0.99)
         losses[name] = job.loss(z0, [""] * len(z0), weight).item()
+    # An explicit gate (the base stage's first steps pass 1000) overrides the configured one.
+    losses["left, gate lifted"] = job.loss(z0, [""] * len(z0), left, weight_below=1000).item()
     assert losses["left"] == pytest.approx(1.99, rel=0.05)
     assert losses["right"] == pytest.approx(0.99, rel=0.05)
     assert losses["none"] == pytest.approx(1.49, rel=0.05)
     # ``base_object_weight_t`` 400 (the default): the weight applies to the 40% of timesteps below 400 only.
     assert losses["left below 400"] == pytest.approx(0.4 * 1.99 + 0.6 * 1.49, rel=0.03)
+    assert losses["left, gate lifted"] == pytest.approx(1.99, rel=0.05)

@@ -301,9 +301,10 @@ def test_base_stage_weights_the_object(trained, tmp_path):
 
     from models.shapes.train import train_base
 
-    def one_step(name: str, weight: float, below_t: int = 1000) -> dict[str, torch.Tensor]:
+    def one_step(name: str, weight: float, below_t: int = 1000, everywhere: int = 0) -> dict[str, torch.Tensor]:
         cfg = TrainConfig(**{**trained.__dict__, "run_dir": tmp_path / name, "base_steps": 3,
-                             "base_object_weight": weight, "base_object_weight_t": below_t})
+                             "base_object_weight": weight, "base_object_weight_t": below_t,
+                             "base_object_weight_everywhere": everywhere})
         copy_run(trained, cfg.run_dir)  # its base checkpoint is at step 2: one more step
         train_base(cfg)
         return load_file(cfg.run_dir / "base" / "unet.safetensors")
@@ -315,6 +316,9 @@ def test_base_stage_weights_the_object(trained, tmp_path):
     # ``base_object_weight_t``: the weight applies only at timesteps below it (0: never; 1000: always).
     assert torch.equal(one_step("d", 3.0, 0)[key], plain[key])
     assert torch.equal(one_step("e", 3.0, 1000)[key], weighted[key])
+    # ``base_object_weight_everywhere``: before that step the gate is lifted (this step is step 2: 3 lifts it).
+    assert torch.equal(one_step("f", 3.0, 0, everywhere=3)[key], weighted[key])
+    assert torch.equal(one_step("g", 3.0, 0, everywhere=2)[key], plain[key])
 
 
 def test_vae_stage_weights_the_object(tmp_path):
@@ -434,11 +438,13 @@ def test_train_cli_base_sampling_flags():
     cfg = config_from(parser.parse_args(["train", "shapes", "--base-small-weight", "2", "--base-detail-share", "0.3",
                                          "--stripes-detail-share", "0", "--stripes-snr-cap", "5",
                                          "--stripes-code", "0.5", "--stripes-checker", "0", "--attribute-drop", "0.4",
-                                         "--base-object-weight-t", "1000"]))
+                                         "--base-object-weight-t", "1000", "--base-object-weight-everywhere", "0"]))
     assert (cfg.base_small_weight, cfg.base_detail_share) == (2.0, 0.3)
     assert (cfg.stripes_detail_share, cfg.stripes_snr_cap) == (0.0, 5.0)
     assert (cfg.stripes_code, cfg.stripes_checker, cfg.outline_code, cfg.attribute_drop) == (0.5, 0.0, 2.0, 0.4)
     assert (cfg.base_object_weight_t, config_from(parser.parse_args(["train", "shapes"])).base_object_weight_t) == (1000, 400)
+    default = config_from(parser.parse_args(["train", "shapes"]))
+    assert (cfg.base_object_weight_everywhere, default.base_object_weight_everywhere) == (0, 6000)
     from models.errors import InvalidRequest
 
     for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1"),

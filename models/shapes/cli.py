@@ -34,6 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="base stage: extra loss weight on latent pixels at and next to the object (0: none)")
     p.add_argument("--base-object-weight-t", type=int,
                    help="base stage: apply that weight only at timesteps below this (default 400; 1000: all)")
+    p.add_argument("--base-object-weight-everywhere", type=int,
+                   help="... except in the base stage's first this many steps: there at every timestep (default 6000)")
     p.add_argument("--base-small-weight", type=float,
                    help="draw base-stage images of small objects this many times as often as large ones (default 1)")
     p.add_argument("--base-detail-share", type=float,
@@ -96,7 +98,8 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "stripes_code", "stripes_checker",
                  "base_steps", "base_images",
-                 "base_object_weight", "base_object_weight_t", "base_small_weight", "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
+                 "base_object_weight", "base_object_weight_t", "base_object_weight_everywhere", "base_small_weight",
+                 "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
                  "attribute_drop", "stripes_snr_cap", "stripes_detail_share"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

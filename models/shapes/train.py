@@ -101,9 +101,11 @@ class Denoising:
             for module in (unet, text_encoder):
                 module.compile(backend=cfg.compile, dynamic=False)
 
-    def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, z0: torch.Tensor, captions: list[str], weight: torch.Tensor | None = None,
+             weight_below: int | None = None) -> torch.Tensor:
         """The batch's mean loss; ``weight`` (N x 1 x h x w, each averaging 1) weighs latent pixels within an
-        image, at the timesteps below ``cfg.base_object_weight_t`` (the others weigh every pixel 1)."""
+        image, at the timesteps below ``weight_below`` (default ``cfg.base_object_weight_t``; the others weigh
+        every pixel 1)."""
         ids = self.tok(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
                        return_tensors="pt").input_ids
         emb = self.te(ids.to(self.device))[0]
@@ -122,7 +124,8 @@ class Denoising:
             w = (torch.clamp(snr, max=self.snr_cap) / snr).view(b)
         err = F.mse_loss(pred, target, reduction="none")
         if weight is not None:
-            err = err * torch.where((t < self.cfg.base_object_weight_t).view(b, 1, 1, 1), weight, 1.0)
+            below = self.cfg.base_object_weight_t if weight_below is None else weight_below
+            err = err * torch.where((t < below).view(b, 1, 1, 1), weight, 1.0)
         return (err.mean(dim=(1, 2, 3)) * w).mean()
 
     def timesteps(self, b: int) -> torch.Tensor:
@@ -199,7 +202,9 @@ def train_base(cfg: TrainConfig, minutes: float | None = None) -> bool:
     def step_fn(step: int) -> torch.Tensor:
         set_lr(opt, cfg.lr, step, 500, cfg.base_steps)
         idx, z0 = job.latents(mean, std, cfg.base_batch, scale, odds)
-        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx]), weights[idx]), params)
+        # The object weight at every timestep for the first steps (layout), then only below the gate (detail).
+        below = len(job.abar) if step < cfg.base_object_weight_everywhere else cfg.base_object_weight_t
+        loss = descend(opt, job.loss(z0, job.captions([scenes[i] for i in idx]), weights[idx], below), params)
         ema_update(ema_unet, unet, cfg.ema if step > 500 else 0.0)
         ema_update(ema_te, te, cfg.ema if step > 500 else 0.0)
         return loss
