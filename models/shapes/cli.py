@@ -133,7 +133,13 @@ def run_train(args: argparse.Namespace) -> int:
     if stages == ("export",):
         print(f"exported {export_pipeline(cfg)}")
         return 0
-    run(cfg, tuple(s for s in stages if s != "export"), args.minutes)
+    from models.shapes.train_common import Stopped
+
+    try:
+        run(cfg, tuple(s for s in stages if s != "export"), args.minutes)
+    except Stopped as e:  # nothing exported: the stage is partly trained
+        log.warning("%s; run the same command again to resume", e)
+        return 128 + e.signum
     if "export" in stages:
         export_pipeline(cfg)
     return 0

@@ -10,6 +10,8 @@ import math
 import multiprocessing
 import random
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -117,7 +119,9 @@ def render_workers(n: int):
         yield
         return
     # forkserver: the workers do not inherit a CUDA context or torch's thread pools
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    # The workers ignore Ctrl-C (sent to the whole process group): the step loop stops on it and still needs them.
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver"),
+                             initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         _render_pool = pool, n
         try:
             yield
@@ -248,17 +252,42 @@ def deadline(minutes: float | None) -> float:
     return math.inf if minutes is None else time.monotonic() + minutes * 60
 
 
+class Stopped(Exception):
+    """A stage stopped by SIGINT or SIGTERM (Ctrl-C, ``docker stop``, a pod's eviction) after checkpointing."""
+
+    def __init__(self, stage: str, step: int, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} during stage {stage}: checkpointed at step {step}")
+        self.stage, self.step, self.signum = stage, step, signum
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While inside, SIGINT and SIGTERM set the yielded list (to the signal) instead of killing the process,
+    so that the step loop can finish its step and checkpoint; the previous handlers come back on exit."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def loop(name: str, total: int, step_fn, save_fn, start: int, until: float, every_minutes: float) -> bool:
     """Run step_fn(step) from ``start`` to ``total`` with a progress bar, checkpointing on a timer and at the
     end; True if it reached ``total`` (False: stopped at the ``until`` deadline, and a stage then exports
-    nothing)."""
+    nothing). SIGINT or SIGTERM stops it after the step in progress and a checkpoint, raising ``Stopped``."""
     from tqdm import tqdm
 
     last = time.monotonic()
     step = start
     saved = start or None  # a resumed stage's checkpoint already holds ``start``; a fresh one holds nothing yet
-    with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar:
-        while step < total and time.monotonic() < until:
+    with tqdm(total=total, initial=start, desc=name, unit="step", mininterval=5) as bar, stop_signals() as stop:
+        while step < total and time.monotonic() < until and not stop:
             loss = step_fn(step)
             step += 1
             bar.update(1)
@@ -267,7 +296,9 @@ def loop(name: str, total: int, step_fn, save_fn, start: int, until: float, ever
             if time.monotonic() - last > every_minutes * 60:
                 save_fn(step)
                 saved, last = step, time.monotonic()
-    if step != saved:  # not again for a stage resumed when already finished, or just saved on the timer
-        save_fn(step)
+        if step != saved:  # not again for a stage resumed when already finished, or just saved on the timer
+            save_fn(step)  # still inside stop_signals: a second Ctrl-C cannot cut the checkpoint short
+    if stop:
+        raise Stopped(name, step, stop[0])
     return step >= total
 
