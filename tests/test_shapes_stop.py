@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,18 +51,24 @@ def test_train_command_stops_on_sigterm_and_resumes(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = run_dir / "vae" / "state.json"
+    chunks: list[str] = []  # the output so far, read by a thread (the progress bar writes no newlines)
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 120
-        state = run_dir / "vae" / "state.json"
-        # The loop is running once the VAE's training data exists; give it a few steps more.
-        while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "config.json").is_file():
-            time.sleep(0.5)
-        time.sleep(8)
-        assert proc.poll() is None, proc.stdout.read()
+        # The step loop is running once its progress bar is drawn (it sets its signal handlers right after):
+        # wait for the bar, not a fixed time, so that a slow start cannot make SIGTERM kill the process outright.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and "/100000 [" not in "".join(chunks):
+            time.sleep(0.2)
+        time.sleep(3)  # a few steps
+        assert proc.poll() is None, "".join(chunks)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         proc.kill()
+    out = "".join(chunks)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "SIGTERM during stage vae: checkpointed at step" in out
     step = json.loads(state.read_text())["step"]
