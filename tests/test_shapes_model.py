@@ -79,8 +79,9 @@ def test_stock_load_lora_weights_gives_the_same_image(shapes_engine, adapter):
 
 def test_prompts_change_the_picture(shapes_engine):
     """A CI-sized adherence check on 24 held-out prompts (the full table is in the model card: 200 prompts
-    gave background 100%, colour 100%, size 100%, shape 96.0%, position 100%; these 24: 100% each). The floors sit far above chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape, 1/9
-    position) and below the measured rates by about two standard errors at n = 24."""
+    gave background 100%, colour 100%, size 100%, shape 96.0%, position 100%; these 24: 100% each). The floors
+    sit far above chance (1/8 background, 1/7 colour, 1/2 size, 1/3 shape, 1/9 position) and below the
+    measured rates by about two standard errors at n = 24."""
     from models.shapes.evaluate import evaluate, held_out_scenes
 
     report = evaluate(shapes_engine, n=24, adapters=False)
