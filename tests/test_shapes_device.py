@@ -24,8 +24,8 @@ def test_device_script_resumes_across_calls_and_packs_the_pipeline(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
            "RENDER_WORKERS": "2", "COMPILE": ""}
-    tiny = ["--device", "cpu", "--vae-steps", "2", "--decoder-steps", "2", "--base-steps", "2", "--base-images", "16",
-            "--lora-steps", "2", "--lora-images", "16", "--batch", "4"]
+    tiny = ["--device", "cpu", "--vae-steps", "2", "--decoder-steps", "2", "--polish-steps", "2", "--base-steps", "2",
+            "--base-images", "16", "--lora-steps", "2", "--lora-images", "16", "--batch", "4"]
 
     def call(minutes: str, out: Path, *extra: str) -> tuple[str, Path | None]:
         r = subprocess.run(["bash", "models/shapes/device_train.sh", *tiny, *extra], cwd=root, capture_output=True,

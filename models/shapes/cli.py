@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-STAGES = ("vae", "decoder", "base", "stripes", "outline")  # models.shapes.train.STAGES, without importing torch here
+STAGES = ("vae", "decoder", "polish", "base", "stripes", "outline")  # models.shapes.train.STAGES, without importing torch here
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stripes-code", type=float, help="the same for the stripes code's flat part (default 1)")
     p.add_argument("--stripes-checker", type=float,
                    help="the same for its checkerboard (default 1.25; both 0: encode stripes as drawn)")
+    p.add_argument("--polish-steps", type=int, help="polish stage: decoder steps, encoder frozen (default 1000)")
+    p.add_argument("--polish-ring-weight", type=float,
+                   help="polish stage: extra loss weight on an outlined object's ring (default 3; 0: none)")
+    p.add_argument("--polish-pair-cap", type=float,
+                   help="polish stage: images weigh (150 / colour distance)^2 up to this (default 4; 1: all alike)")
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
     p.add_argument("--base-object-weight", type=float,
@@ -97,7 +102,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "stripes_code", "stripes_checker",
-                 "base_steps", "base_images",
+                 "polish_steps", "polish_ring_weight", "polish_pair_cap", "base_steps", "base_images",
                  "base_object_weight", "base_object_weight_t", "base_object_weight_everywhere", "base_small_weight",
                  "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
                  "attribute_drop", "stripes_snr_cap", "stripes_detail_share"):

@@ -55,11 +55,18 @@ from models.shapes.train_common import (
     sample_scenes,
     set_lr,
 )
-from models.shapes.train_vae import export_vae, load_vae, object_weight, train_decoder, train_vae
+from models.shapes.train_vae import (
+    export_vae,
+    load_vae,
+    object_weight,
+    train_decoder,
+    train_polish,
+    train_vae,
+)
 
 log = logging.getLogger(__name__)
 # Stripes before outline: the outline stage trains part of its steps with the stripes adapter on (train_lora).
-STAGES = ("vae", "decoder", "base", "stripes", "outline")
+STAGES = ("vae", "decoder", "polish", "base", "stripes", "outline")
 LORA_DATA_SEEDS = {"outline": 5, "stripes": 6}  # seed offsets of each adapter's data (as before the reorder)
 
 
@@ -384,6 +391,8 @@ def run_stage(cfg: TrainConfig, stage: str, minutes: float | None) -> bool:
                 shutil.copytree(cfg.init_from, cfg.out_dir, dirs_exist_ok=True)
             export_vae(cfg, cfg.out_dir)
         return True
+    if stage == "polish":
+        return train_polish(cfg, minutes)
     if stage == "base":
         if not train_base(cfg, minutes):
             return False

@@ -39,6 +39,13 @@ class TrainConfig:
     # Lengths of the stripes code's flat part and checkerboard (latent_code.py), the same way; 0 and 0: as drawn.
     stripes_code: float = 1.0
     stripes_checker: float = 1.25
+    # The polish stage (train_vae.train_polish): the decoder alone, encoder frozen, with outline rings and close
+    # colour pairs weighted. The decoder stage drew 3 px outlines between close colours (orange on yellow,
+    # red on orange, purple on blue) too pale for the evaluator: a round trip kept 66.5% of 200 such renders.
+    polish_steps: int = 1000
+    polish_lr: float = 3e-4
+    polish_ring_weight: float = 3.0  # extra loss weight on an outlined object's 3 px ring (0: none)
+    polish_pair_cap: float = 4.0  # images weigh (150 / colour distance)^2, at most this (1: all alike)
     decoder_object_weight: float = 3.0  # extra loss weight near the object (object_weight)
     # The same in the VAE stage: without it a 2-resnet VAE from seed 0 encoded object colour so faintly that
     # green, blue and purple shared one latent (round trip: colour 48% after 3000 steps; 99% with it at 1500).
