@@ -68,6 +68,13 @@ def test_train_reports_a_bad_flag_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
 
 
+def test_train_reports_a_missing_earlier_stage_without_traceback(tmp_path):
+    r = run_cli("train", "shapes", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--stage",
+                "polish")
+    assert r.returncode == 2 and "Hint: run the decoder stage first (--stage decoder)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
 def test_argument_parsers():
     assert parse_size("64x48") == (64, 48)
     assert parse_lora("outline:0.5") == ("outline", 0.5)

@@ -55,8 +55,15 @@ def test_polish_stage_trains_the_decoder_alone_and_exports_it(trained, tmp_path)
     assert any(not torch.equal(load_vae(cfg).state_dict()[k], polished[k]) for k in trained_keys)
 
 
-def test_polish_stage_runs_between_the_decoder_and_the_base():
+def test_polish_stage_runs_between_the_decoder_and_the_base(trained, tmp_path):  # noqa: F811
     assert STAGES.index("decoder") < STAGES.index("polish") < STAGES.index("base")
+    from models.errors import InvalidRequest
+
+    cfg = TrainConfig(run_dir=tmp_path / "run", out_dir=tmp_path / "out", vae_batch=4, polish_steps=1)
+    copy_run(trained, cfg.run_dir)  # a VAE stage, no decoder stage
+    with pytest.raises(InvalidRequest, match=r"decoder stage's checkpoint.*--stage decoder"):
+        run(cfg, ("polish",))
+    assert not (cfg.run_dir / "polish").exists()
 
 
 def test_polish_weight_favours_rings_and_close_colours():

@@ -145,6 +145,9 @@ def run_train(args: argparse.Namespace) -> int:
     except Stopped as e:  # nothing exported: the stage is partly trained
         log.warning("%s; run the same command again to resume", e)
         return 128 + e.signum
+    except DiffuserveError as e:  # e.g. a stage run before the one it starts from
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
     if "export" in stages:
         export_pipeline(cfg)
     return 0

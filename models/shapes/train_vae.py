@@ -186,6 +186,11 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
 
     until = deadline(minutes)
     ckpt, tuned = Checkpoint(cfg.run_dir / "polish"), Checkpoint(cfg.run_dir / "decoder")
+    if not tuned.exists():
+        from models.errors import InvalidRequest
+
+        raise InvalidRequest(f"the polish stage starts from the decoder stage's checkpoint, and {tuned.dir} has "
+                             "none. Hint: run the decoder stage first (--stage decoder).", param="stage")
     vae = arch.build_vae()
     tuned.load({"vae": vae}, None)
     codes = taught_codes(json.loads((tuned.dir / "state.json").read_text()))
