@@ -202,6 +202,10 @@ class Checkpoint:
     def exists(self) -> bool:
         return (self.dir / "state.json").is_file()
 
+    def state(self) -> dict:
+        """The saved step and extras (what ``load`` returns), without loading any weights."""
+        return json.loads((self.dir / "state.json").read_text())
+
     def save(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
         tmp = self.dir.with_name(self.dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +223,7 @@ class Checkpoint:
             m.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
         if opt is not None:  # saved on a GPU, resumed on a CPU or back
             load_optimizer(opt, self.dir / "optimizer.safetensors")
-        return json.loads((self.dir / "state.json").read_text())
+        return self.state()
 
 
 def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int, total: int) -> None:

@@ -72,7 +72,7 @@ def load_vae(cfg: TrainConfig) -> Any:
     run, else the VAE stage's. (The polish stage keeps the decoder stage's encoder, so its latents are the same.)"""
     vae = arch.build_vae()
     polished, tuned = Checkpoint(cfg.run_dir / "polish"), Checkpoint(cfg.run_dir / "decoder")
-    if polished.exists() and json.loads((polished.dir / "state.json").read_text())["step"] >= cfg.polish_steps:
+    if polished.exists() and polished.state()["step"] >= cfg.polish_steps:
         polished.load({"vae": vae}, None)
     else:
         (tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")).load({"vae": vae}, None)
@@ -89,7 +89,7 @@ def export_vae(cfg: TrainConfig, out: Path) -> None:
     vae.register_to_config(scaling_factor=json.loads(scale_file.read_text())["scaling_factor"])
     vae.save_pretrained(out / "vae", safe_serialization=True)
     tuned = Checkpoint(cfg.run_dir / "decoder")
-    codes = taught_codes(json.loads((tuned.dir / "state.json").read_text()) if tuned.exists() else {})
+    codes = taught_codes(tuned.state() if tuned.exists() else {})
     for name in (CODE_FILE, OLD_CODE_FILE):
         (out / "vae" / name).unlink(missing_ok=True)
     if codes:
@@ -192,8 +192,7 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
         raise InvalidRequest(f"the polish stage starts from the decoder stage's checkpoint, and {tuned.dir} has "
                              "none. Hint: run the decoder stage first (--stage decoder).", param="stage")
     vae = arch.build_vae()
-    tuned.load({"vae": vae}, None)
-    codes = taught_codes(json.loads((tuned.dir / "state.json").read_text()))
+    codes = taught_codes(tuned.load({"vae": vae}, None))
     vae = vae.to(cfg.device).requires_grad_(False)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
