@@ -12,15 +12,16 @@ from models.shapes.data import random_scene, render
 from models.shapes.evaluate import ATTRIBUTES, analyze, fill_holes, held_out_scenes, read_shape
 
 
+@pytest.mark.parametrize("close_pairs", [False, True])
 @pytest.mark.parametrize("style", ["plain", "outline", "stripes", "outline+stripes"])
-def test_analyzer_on_ground_truth(style):
+def test_analyzer_on_ground_truth(style, close_pairs):
     rng = random.Random(123)
     n = 300
     wrong = dict.fromkeys(ATTRIBUTES, 0)
     outline = stripes = 0
     for _ in range(n):
         sc = random_scene(rng, style)
-        r = analyze(render(sc))
+        r = analyze(render(sc), close_pairs=close_pairs)
         for a in ATTRIBUTES:
             wrong[a] += getattr(r, a) != getattr(sc, a)
         outline += r.outline
@@ -51,6 +52,37 @@ def test_shape_reading_survives_smoothing(style):
     assert right / n >= (0.98 if style == "plain" else 0.9), confusion
     circles_wrong = sum(v for (truth, got), v in confusion.items() if truth == "circle" and got != "circle")
     assert circles_wrong <= 0.03 * n, confusion
+
+
+@pytest.mark.parametrize("background", ["plain", "stripes"])
+def test_a_faint_ring_on_a_close_colour_reads_as_an_outline(background):
+    """Orange on yellow (73 RGB levels apart) at 70% of full contrast: 51 levels off the background, plainly
+    visible. The bar's 60-level mask reads no outline; the close-pair reading (nearer orange than yellow) reads
+    the ring. The same faintness filled reads as a filled object (the 60-level mask sees little of it)."""
+    from dataclasses import replace
+
+    from models.shapes.data import COLORS
+    from models.shapes.latent_code import without_outline
+
+    rng = random.Random(5)
+    for shape in ("circle", "square", "triangle"):
+        sc = random_scene(rng, "outline" if background == "plain" else "outline+stripes", shape=shape,
+                          color="orange", background="yellow", size="large", position="center")
+        ring = render(sc).astype(float)
+        back = render(replace(sc, color="yellow")).astype(float)  # the same scene with the object invisible
+        faint = np.rint(back + 0.7 * (ring - back)).astype(np.uint8)
+        assert analyze(ring).outline and analyze(ring, close_pairs=True).outline
+        close = analyze(faint, close_pairs=True)
+        assert close.outline and close.color == "orange" and close.shape == shape
+        assert not analyze(faint).outline
+        filled = render(without_outline(sc)).astype(float)
+        faint_filled = np.rint(back + 0.7 * (filled - back)).astype(np.uint8)
+        close = analyze(faint_filled, close_pairs=True)
+        assert not close.outline and close.shape == shape and not analyze(faint_filled).outline
+    # Noise up to 29 levels off a flat background (under half the distance to any other colour) stays background.
+    flat = np.full((64, 64, 3), COLORS["yellow"], float)
+    noisy = np.clip(flat + np.random.default_rng(0).uniform(-17, 17, flat.shape), 0, 255).astype(np.uint8)
+    assert analyze(noisy, close_pairs=True).color is None
 
 
 def test_read_shape_on_ideal_masks():

@@ -140,6 +140,9 @@ def test_adapters_show_their_style_only_when_on(shapes_engine):
     assert eff["stripes@1"] >= 0.9 and eff["stripes@0"] <= 0.1, eff
     assert eff["outline@1"] >= 0.75 and eff["outline@0"] <= 0.07, eff
     assert eff["outline+stripes@1 both"] >= 0.7, eff
+    # The second reading (analyze(close_pairs=True)) of the same images: faint rings on close colours count.
+    assert eff["(close pairs) outline@1"] >= 0.75 and eff["(close pairs) outline@0"] <= 0.07, eff
+    assert eff["(close pairs) both"] >= 0.7, eff
 
 
 def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):

@@ -120,7 +120,16 @@ def nearest_cell(c: float, extent: float) -> int:
     return int(np.argmin([abs(c - p) for p in places]))
 
 
-def analyze(img: np.ndarray) -> Reading:
+def analyze(img: np.ndarray, close_pairs: bool = False) -> Reading:
+    """Read an image back into attributes. The object is the largest connected region of pixels that stand 60
+    RGB levels off the background (or, striped, off its stripe shade): the rule every bar is read with.
+
+    ``close_pairs``: also count pixels nearer another palette colour than the background's, a second reading
+    of the outline the evaluator reports beside the first, not instead of it. Orange and yellow are 73 levels
+    apart: a 3 px orange ring on yellow drawn at 70% of full contrast is plainly visible but 51 levels off, so
+    the 60-level mask breaks it into arcs and reads no outline, where blue on white at that contrast stands
+    180 off. Nearer another colour means at least half the pair's distance (36 levels for orange on yellow),
+    so a flat background's noise never counts."""
     px = img.astype(float)
     border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3), px[:, :2].reshape(-1, 3),
                              px[:, -2:].reshape(-1, 3)])
@@ -132,7 +141,11 @@ def analyze(img: np.ndarray) -> Reading:
     stripes = 0.2 <= near_shade.mean() <= 0.8
     d_bg = np.sqrt(((px - PALETTE[bg]) ** 2).sum(-1))
     d_shade = np.sqrt(((px - SHADES[bg]) ** 2).sum(-1))
-    mask = largest_component(np.minimum(d_bg, d_shade if stripes else np.inf) > 60)
+    mask = np.minimum(d_bg, d_shade if stripes else np.inf) > 60
+    if close_pairs:  # nearer another palette colour than the background (or, striped, its shade: index 8)
+        k = nearest(px, np.concatenate([PALETTE, SHADES[bg : bg + 1]]) if stripes else PALETTE)
+        mask |= (k != bg) & (k != len(PALETTE))
+    mask = largest_component(mask)
     if mask.sum() < 12:
         return Reading(NAMES[bg], None, None, None, None, False, stripes)
     color = NAMES[int(np.bincount(nearest(px[mask]), minlength=len(NAMES)).argmax())]
@@ -203,10 +216,12 @@ def vae_round_trip(vae: Any, n: int = 200, seed: int = 10_000) -> dict[str, dict
         x = render_tensor(scenes).to(vae.device, vae.dtype)
         with torch.no_grad():
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
-        readings = [analyze(img) for img in to_uint8(rec)]
+        images = to_uint8(rec)
+        readings = [analyze(img) for img in images]
         row = {a: float(np.mean([getattr(r, a) == getattr(sc, a) for r, sc in zip(readings, scenes, strict=True)]))
                for a in ATTRIBUTES}
         row["outline"] = float(np.mean([r.outline for r in readings]))
+        row["outline (close pairs)"] = float(np.mean([analyze(img, close_pairs=True).outline for img in images]))
         row["stripes"] = float(np.mean([r.stripes for r in readings]))
         out[style] = row
     return out
@@ -236,18 +251,23 @@ def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None,
         combos.append((("outline", 1.0), ("stripes", 1.0)))
     for combo in combos:
         reqs = [GenerationRequest(full_caption(s), steps=steps, seed=seed + i, loras=combo) for i, s in enumerate(scenes)]
-        shown = {"outline": 0, "stripes": 0, "both": 0}
+        shown = {"outline": 0, "stripes": 0, "both": 0, "outline close": 0, "both close": 0}
         for b in range(0, len(reqs), batch):
             for res in engine.generate(reqs[b : b + batch], max_batch=batch):
-                r = analyze(res.images[0])
+                r, close = analyze(res.images[0]), analyze(res.images[0], close_pairs=True)
                 shown["outline"] += r.outline
                 shown["stripes"] += r.stripes
                 shown["both"] += r.outline and r.stripes
+                shown["outline close"] += close.outline
+                shown["both close"] += close.outline and close.stripes
         if len(combo) == 2:
             out["outline+stripes@1 both"] = shown["both"] / len(scenes)
+            out["(close pairs) both"] = shown["both close"] / len(scenes)
         else:
             name, scale = combo[0]
             out[f"{name}@{scale:g}"] = shown[name] / len(scenes)
+            if name == "outline":  # the second reading (analyze's close_pairs), beside the bar's
+                out[f"(close pairs) outline@{scale:g}"] = shown["outline close"] / len(scenes)
     return out
 
 
@@ -263,7 +283,7 @@ def format_report(report: dict[str, Any]) -> str:
     for k, v in report.get("partial", {}).items():
         lines.append(f"{'partial prompt ' + k:>24}: {v * 100:5.1f}%")  # "a {colour} {shape}"
     for k, v in report.get("adapters", {}).items():
-        lines.append(f"{k:>24}: {v * 100:5.1f}%")
+        lines.append(f"{k:>26}: {v * 100:5.1f}%")
     if "seconds_per_image" in report:
         lines.append(f"one image: {report['seconds_per_image']:.2f} s")
     for style, row in report.get("vae_round_trip", {}).items():
