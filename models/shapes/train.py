@@ -102,8 +102,8 @@ class Denoising:
         self.device = torch.device(cfg.device)  # timesteps and noise are drawn on the CPU, then moved
         self.abar = torch.from_numpy(sched.alphas_cumprod).float().to(self.device)
         self.v_prediction = sched.prediction_type == "v_prediction"
-        self.rand = Randomness(seed)  # checkpointed: rand.state(); a resumed stage passes it back as rng_state
-        self.rand.restore(rng_state)
+        # checkpointed: rand.state(); a resumed stage passes it back as rng_state
+        self.rand = Randomness.resumed(seed, rng_state)
         if cfg.compile:  # in place (Module.compile): the state dicts keep their keys
             for module in (unet, text_encoder):
                 module.compile(backend=cfg.compile, dynamic=False)

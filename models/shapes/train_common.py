@@ -166,6 +166,13 @@ class Randomness:
         return {"py": [version, list(internal), gauss],
                 "torch": base64.b64encode(self.torch.get_state().numpy().tobytes()).decode()}
 
+    @classmethod
+    def resumed(cls, seed: int, saved: dict[str, Any] | None, generator: torch.Generator | None = None) -> Randomness:
+        """Streams seeded with ``seed``, continued from ``saved`` (a checkpoint's ``state()``; None: the seed's)."""
+        rand = cls(seed, generator)
+        rand.restore(saved)
+        return rand
+
     def restore(self, state: dict[str, Any] | None) -> None:
         """Continue the streams saved by ``state()`` (None, from a checkpoint without them: keep the seed's)."""
         if state:

@@ -49,8 +49,7 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
         with torch.no_grad():
             vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
     # Posterior noise from torch's global generator (seeded above), as the stage always drew it.
-    rand = Randomness(cfg.seed * 1000 + start, torch.default_generator)
-    rand.restore(state.get("rng"))
+    rand = Randomness.resumed(cfg.seed * 1000 + start, state.get("rng"), torch.default_generator)
     vae.train()
 
     def step_fn(step: int) -> torch.Tensor:
@@ -141,8 +140,7 @@ def train_decoder(cfg: TrainConfig, minutes: float | None = None) -> bool:
         state.update(inherited_codes(cfg) or fit_codes(
             lambda x: source.encode(x.to(cfg.device)).latent_dist.mean.cpu(), *lengths, cfg.seed))
     codes = taught_codes(state) or None
-    rand = Randomness(cfg.seed * 1013 + state["step"])
-    rand.restore(state.get("rng"))
+    rand = Randomness.resumed(cfg.seed * 1013 + state["step"], state.get("rng"))
     vae.train()
 
     def step_fn(step: int) -> torch.Tensor:
@@ -199,8 +197,7 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
         p.requires_grad_(True)
     opt = adamw(params, cfg.polish_lr, 0.0, cfg.device)
     state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
-    rand = Randomness(cfg.seed * 1019 + state["step"])
-    rand.restore(state.get("rng"))
+    rand = Randomness.resumed(cfg.seed * 1019 + state["step"], state.get("rng"))
     vae.train()
 
     def step_fn(step: int) -> torch.Tensor:
