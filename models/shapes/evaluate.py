@@ -241,14 +241,18 @@ def partial_prompts(engine: Any, scenes: list[Any], seed: int, steps: int | None
             for attr in ("color", "shape")}
 
 
-def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None, batch: int) -> dict[str, float]:
+def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None, batch: int,
+                   scales: tuple[float, ...] = (0.0, 0.5, 1.0)) -> dict[str, float]:
+    """Each adapter's style read at each scale, and both adapters at 1 together. Scale 0 drops an adapter
+    (``lora.canonical``), so one set of plain images serves every adapter's reading at 0."""
     from models.engine import GenerationRequest
 
-    out: dict[str, float] = {}
-    names = engine.registry.names()
-    combos = [((name, s),) for name in ("outline", "stripes") if name in names for s in (0.0, 0.5, 1.0)]
-    if {"outline", "stripes"} <= set(names):
+    names = [name for name in ("outline", "stripes") if name in engine.registry.names()]
+    combos: list[tuple[tuple[str, float], ...]] = [()] if names and 0.0 in scales else []
+    combos += [((name, s),) for name in names for s in scales if s != 0.0]
+    if len(names) == 2:
         combos.append((("outline", 1.0), ("stripes", 1.0)))
+    read: dict[str, float] = {}
     for combo in combos:
         reqs = [GenerationRequest(full_caption(s), steps=steps, seed=seed + i, loras=combo) for i, s in enumerate(scenes)]
         shown = {"outline": 0, "stripes": 0, "both": 0, "outline close": 0, "both close": 0}
@@ -261,14 +265,17 @@ def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None,
                 shown["outline close"] += close.outline
                 shown["both close"] += close.outline and close.stripes
         if len(combo) == 2:
-            out["outline+stripes@1 both"] = shown["both"] / len(scenes)
-            out["(close pairs) both"] = shown["both close"] / len(scenes)
-        else:
-            name, scale = combo[0]
-            out[f"{name}@{scale:g}"] = shown[name] / len(scenes)
+            read["outline+stripes@1 both"] = shown["both"] / len(scenes)
+            read["(close pairs) both"] = shown["both close"] / len(scenes)
+            continue
+        for name, scale in combo or [(name, 0.0) for name in names]:
+            read[f"{name}@{scale:g}"] = shown[name] / len(scenes)
             if name == "outline":  # the second reading (analyze's close_pairs), beside the bar's
-                out[f"(close pairs) outline@{scale:g}"] = shown["outline close"] / len(scenes)
-    return out
+                read[f"(close pairs) outline@{scale:g}"] = shown["outline close"] / len(scenes)
+    order = [f"{name}@{s:g}" for name in names for s in scales]
+    order += [f"(close pairs) outline@{s:g}" for s in scales if "outline" in names]
+    order += ["outline+stripes@1 both", "(close pairs) both"]
+    return {k: read[k] for k in order if k in read}
 
 
 def format_report(report: dict[str, Any]) -> str:
