@@ -24,12 +24,13 @@ def grid(rows: list[list[np.ndarray]], scale: int = 2) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
 
 
-def make_pictures(engine: Any, out_dir: Path, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> list[Path]:
+def make_pictures(engine: Any, out_dir: Path, seeds: tuple[int, ...] = (0, 1, 2, 3),
+                  steps: int | None = None) -> list[Path]:
     from models.engine import GenerationRequest
 
     rows = []
     for p in PROMPTS:
-        res = engine.generate([GenerationRequest(p, seed=s) for s in seeds])
+        res = engine.generate([GenerationRequest(p, steps=steps, seed=s) for s in seeds])
         rows.append([r.images[0] for r in res])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "grid.png"]
@@ -39,7 +40,8 @@ def make_pictures(engine: Any, out_dir: Path, seeds: tuple[int, ...] = (0, 1, 2,
         rows = []
         for name in names:
             for p in PROMPTS[:3]:
-                res = engine.generate([GenerationRequest(p, seed=7, loras=((name, s),)) for s in (0.0, 0.5, 1.0)])
+                res = engine.generate([GenerationRequest(p, steps=steps, seed=7, loras=((name, s),))
+                                       for s in (0.0, 0.5, 1.0)])
                 rows.append([r.images[0] for r in res])
         paths.append(out_dir / "adapters.png")
         grid(rows).save(paths[1])

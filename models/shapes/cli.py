@@ -80,7 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("what", choices=["shapes"])
     e.add_argument("--model", help="pipeline directory (default: models/zoo/shapes)")
     e.add_argument("-n", type=int, default=200)
-    e.add_argument("--steps", type=int)
+    e.add_argument("--steps", type=int, help="denoising steps for every image, pictures too (default: the model's)")
     e.add_argument("--no-adapters", action="store_true")
     e.add_argument("--vae-only", action="store_true",
                    help="only read back renders after a VAE round trip (the ceiling for generated images)")
@@ -187,7 +187,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.pictures:
             from models.shapes.card import make_pictures
 
-            for path in make_pictures(engine, Path(args.pictures)):
+            for path in make_pictures(engine, Path(args.pictures), steps=args.steps):
                 print(f"wrote {path}")
         report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
     print(format_report(report))
