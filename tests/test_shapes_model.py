@@ -136,7 +136,8 @@ def test_adapters_show_their_style_only_when_on(shapes_engine):
     three or four misses more (the link 9 weights gave 75% and 62.5% on the first 16 of these, and would fail)."""
     from models.shapes.evaluate import adapter_effect, held_out_scenes
 
-    eff = adapter_effect(shapes_engine, held_out_scenes(32), 10_000, None, 16)
+    eff = adapter_effect(shapes_engine, held_out_scenes(32), 10_000, None, 16, scales=(0.0, 1.0))
+    assert "outline@0.5" not in eff and "stripes@0" in eff  # one plain set read for both adapters at 0
     assert eff["stripes@1"] >= 0.9 and eff["stripes@0"] <= 0.1, eff
     assert eff["outline@1"] >= 0.75 and eff["outline@0"] <= 0.07, eff
     assert eff["outline+stripes@1 both"] >= 0.7, eff
@@ -159,7 +160,7 @@ def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
     text = run("--vae-only", "-n", "6", "--json", str(tmp_path / "vae.json"))
     assert "VAE round trip, stripes" in text
     assert set(json.loads((tmp_path / "vae.json").read_text())["vae_round_trip"]) == {"plain", "outline", "stripes", "outline+stripes"}
-    text = run("-n", "2", "--no-adapters", "--pictures", str(tmp_path), "--json", str(tmp_path / "eval.json"))
+    text = run("-n", "2", "--steps", "4", "--no-adapters", "--pictures", str(tmp_path), "--json", str(tmp_path / "eval.json"))
     # The model card's two pictures (models/shapes/card.py), at 2x: prompts x seeds 0-3, and each adapter's
     # three prompts at scales 0, 0.5, 1.
     from PIL import Image
