@@ -518,7 +518,7 @@ def run(only: tuple[str, ...] = SCENARIOS, quick: bool = False, model: Path | No
         model, lora_dir = make_model(workdir, adapters=12)
     adapters = sorted(p.stem for p in lora_dir.glob("*.safetensors")) if lora_dir else []
     rows: list[Row] = []
-    size = {"kills": kills or (4 if quick else 50), "seconds": 5 if quick else 30, "soak": soak_s or (20 if quick
+    size = {"kills": kills or (4 if quick else 50), "seconds": 3 if quick else 30, "soak": soak_s or (10 if quick
             else 3600)}
     for name in only:
         c = Cluster(workdir / name, model, lora_dir, max_queue=16 if name == "overload" else 256)
