@@ -113,3 +113,26 @@ def test_held_out_scenes_are_deterministic_and_varied():
     a, b = held_out_scenes(50), held_out_scenes(50)
     assert a == b
     assert len({s.position for s in a}) == 9 and len({s.color for s in a}) == 8
+
+
+def test_readings_by_colour_distance_weigh_each_bin_by_its_share_of_the_pairs():
+    """Orange on yellow (73 levels) is the only pair under 90, red/orange and blue/purple the 90-120 bin: 2, 4,
+    14 and 36 of the 56 ordered pairs. A set that holds close pairs more often than prompts at large reads
+    lower; the weighted rate does not depend on how many of each a set holds."""
+    from dataclasses import replace
+
+    from models.shapes.evaluate import by_distance, pair_distance
+
+    assert round(pair_distance("orange", "yellow")) == round(pair_distance("yellow", "orange")) == 73
+    base = random_scene(random.Random(1))
+    pairs = [("orange", "yellow"), ("yellow", "orange"), ("red", "orange"), ("purple", "blue"), ("green", "black"),
+             ("green", "purple"), ("white", "black"), ("blue", "white")]
+    scenes = [replace(base, color=c, background=b) for c, b in pairs]
+    hits = [False, False, True, False, True, True, True, False]
+    got = by_distance(scenes, hits)
+    assert got["bins"] == {"0-90": [0, 2], "90-120": [1, 2], "120-200": [2, 2], "200+": [1, 2]}
+    assert got["weighted"] == pytest.approx((2 * 0 + 4 * 0.5 + 14 * 1 + 36 * 0.5) / 56)
+    # Twice as many orange/yellow scenes, read the same way: the plain rate falls, the weighted one stays.
+    doubled = by_distance(scenes + scenes[:2], hits + hits[:2])
+    assert doubled["bins"]["0-90"] == [0, 4] and doubled["weighted"] == pytest.approx(got["weighted"])
+    assert by_distance(scenes[2:], hits[2:])["weighted"] is None  # no orange/yellow scene: no estimate

@@ -8,6 +8,7 @@ of one image. The analyser is itself tested on ground-truth renders (tests/test_
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import Counter
@@ -176,7 +177,7 @@ def evaluate(engine: Any, n: int = 200, seed: int = 10_000, steps: int | None = 
     for b in range(0, n, batch):
         for res in engine.generate(reqs[b : b + batch], max_batch=batch):
             readings.append(analyze(res.images[0]))
-    report: dict[str, Any] = {"n": n, "engine_mode": engine.mode}
+    report: dict[str, Any] = {"n": n, "seed": seed, "engine_mode": engine.mode}
     for attr in ATTRIBUTES:
         truth = [getattr(s, attr) for s in scenes]
         got = [getattr(r, attr) for r in readings]
@@ -192,7 +193,10 @@ def evaluate(engine: Any, n: int = 200, seed: int = 10_000, steps: int | None = 
     }
     report["partial"] = partial_prompts(engine, scenes[: min(n, 100)], seed, steps, batch)
     if adapters:  # on all n prompts, as the issue states its bars (before 2026-12-03: the first 100)
-        report["adapters"] = adapter_effect(engine, scenes, seed, steps, batch)
+        hits: dict[str, list[bool]] = {}
+        report["adapters"] = adapter_effect(engine, scenes, seed, steps, batch, per_scene=hits)
+        report["adapters_by_distance"] = {k: by_distance(scenes, hits[k])
+                                          for k in ("outline@1", "outline+stripes@1 both") if k in hits}
     one = [GenerationRequest(full_caption(scenes[0]), steps=steps, seed=seed)]
     engine.generate(one)  # warm-up: a batch of one is a new shape for a compiled (fast mode) UNet
     t0 = time.perf_counter()
@@ -242,9 +246,11 @@ def partial_prompts(engine: Any, scenes: list[Any], seed: int, steps: int | None
 
 
 def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None, batch: int,
-                   scales: tuple[float, ...] = (0.0, 0.5, 1.0)) -> dict[str, float]:
+                   scales: tuple[float, ...] = (0.0, 0.5, 1.0),
+                   per_scene: dict[str, list[bool]] | None = None) -> dict[str, float]:
     """Each adapter's style read at each scale, and both adapters at 1 together. Scale 0 drops an adapter
-    (``lora.canonical``), so one set of plain images serves every adapter's reading at 0."""
+    (``lora.canonical``), so one set of plain images serves every adapter's reading at 0. ``per_scene``, if
+    given, receives each reading's hit or miss per scene (for ``by_distance``)."""
     from models.engine import GenerationRequest
 
     names = [name for name in ("outline", "stripes") if name in engine.registry.names()]
@@ -252,35 +258,58 @@ def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None,
     combos += [((name, s),) for name in names for s in scales if s != 0.0]
     if len(names) == 2:
         combos.append((("outline", 1.0), ("stripes", 1.0)))
-    read: dict[str, float] = {}
+    hits: dict[str, list[bool]] = {}
     for combo in combos:
         reqs = [GenerationRequest(full_caption(s), steps=steps, seed=seed + i, loras=combo) for i, s in enumerate(scenes)]
-        shown = {"outline": 0, "stripes": 0, "both": 0, "outline close": 0, "both close": 0}
-        for b in range(0, len(reqs), batch):
-            for res in engine.generate(reqs[b : b + batch], max_batch=batch):
-                r, close = analyze(res.images[0]), analyze(res.images[0], close_pairs=True)
-                shown["outline"] += r.outline
-                shown["stripes"] += r.stripes
-                shown["both"] += r.outline and r.stripes
-                shown["outline close"] += close.outline
-                shown["both close"] += close.outline and close.stripes
+        images = [res.images[0] for b in range(0, len(reqs), batch)
+                  for res in engine.generate(reqs[b : b + batch], max_batch=batch)]
+        bar = [analyze(img) for img in images]
+        close = [analyze(img, close_pairs=True) for img in images]  # the second reading, beside the bar's
         if len(combo) == 2:
-            read["outline+stripes@1 both"] = shown["both"] / len(scenes)
-            read["(close pairs) both"] = shown["both close"] / len(scenes)
+            hits["outline+stripes@1 both"] = [r.outline and r.stripes for r in bar]
+            hits["(close pairs) both"] = [r.outline and r.stripes for r in close]
             continue
         for name, scale in combo or [(name, 0.0) for name in names]:
-            read[f"{name}@{scale:g}"] = shown[name] / len(scenes)
-            if name == "outline":  # the second reading (analyze's close_pairs), beside the bar's
-                read[f"(close pairs) outline@{scale:g}"] = shown["outline close"] / len(scenes)
+            hits[f"{name}@{scale:g}"] = [getattr(r, name) for r in bar]
+            if name == "outline":
+                hits[f"(close pairs) outline@{scale:g}"] = [r.outline for r in close]
+    if per_scene is not None:
+        per_scene.update(hits)
     order = [f"{name}@{s:g}" for name in names for s in scales]
     order += [f"(close pairs) outline@{s:g}" for s in scales if "outline" in names]
     order += ["outline+stripes@1 both", "(close pairs) both"]
-    return {k: read[k] for k in order if k in read}
+    return {k: sum(hits[k]) / len(scenes) for k in order if k in hits}
+
+
+# Object/background colour distances (RGB levels): orange/yellow 73; red/orange 104, blue/purple 106; then 153
+# (green/black) to 198; 204 and over. Of the 56 ordered pairs 2, 4, 14 and 36 fall in these bins.
+DISTANCE_BINS = (0.0, 90.0, 120.0, 200.0, float("inf"))
+
+
+def pair_distance(color: str, background: str) -> float:
+    return float(np.sqrt(((PALETTE[NAMES.index(color)] - PALETTE[NAMES.index(background)]) ** 2).sum()))
+
+
+def by_distance(scenes: list[Any], hits: list[bool]) -> dict[str, Any]:
+    """Hits per bin of the object/background colour distance, and the rate weighted by each bin's share of
+    the 56 ordered colour pairs (which ``random_scene`` draws alike): a reading that does not depend on how
+    many close pairs a prompt set happens to hold (None where a bin has no scene). The outline's 3 px ring
+    is hardest to read between close colours, so a set of 200 can read several points off the whole."""
+    pairs = [(c, b) for c in NAMES for b in NAMES if c != b]
+    bins: dict[str, list[int]] = {}
+    weighted: float | None = 0.0
+    for lo, hi in itertools.pairwise(DISTANCE_BINS):
+        got = [h for s, h in zip(scenes, hits, strict=True) if lo <= pair_distance(s.color, s.background) < hi]
+        bins[f"{lo:g}-{hi:g}" if hi < float("inf") else f"{lo:g}+"] = [sum(got), len(got)]
+        share = sum(lo <= pair_distance(*p) < hi for p in pairs) / len(pairs)
+        weighted = None if weighted is None or not got else weighted + share * sum(got) / len(got)
+    return {"bins": bins, "weighted": weighted}
 
 
 def format_report(report: dict[str, Any]) -> str:
     mode = f" (engine mode {report['engine_mode']})" if "engine_mode" in report else ""
-    lines = [f"held-out prompts: {report['n']}{mode}"]
+    seed = f" from seed {report['seed']}" if "seed" in report else ""
+    lines = [f"held-out prompts: {report['n']}{seed}{mode}"]
     for attr in (a for a in ATTRIBUTES if a in report):
         lines.append(f"{attr:>12}: {report[attr] * 100:5.1f}%")
     if report.get("shape_misreads"):
@@ -291,6 +320,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'partial prompt ' + k:>24}: {v * 100:5.1f}%")  # "a {colour} {shape}"
     for k, v in report.get("adapters", {}).items():
         lines.append(f"{k:>26}: {v * 100:5.1f}%")
+    for k, row in report.get("adapters_by_distance", {}).items():
+        cells = ", ".join(f"{b} {h}/{n}" for b, (h, n) in row["bins"].items())
+        w = "n/a" if row["weighted"] is None else f"{row['weighted'] * 100:.1f}%"
+        lines.append(f"{k} by colour distance: {cells}; weighted by the pairs' shares: {w}")
     if "seconds_per_image" in report:
         lines.append(f"one image: {report['seconds_per_image']:.2f} s")
     for style, row in report.get("vae_round_trip", {}).items():
