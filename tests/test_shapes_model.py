@@ -134,10 +134,17 @@ def test_adapters_show_their_style_only_when_on(shapes_engine):
     """CI-sized version of the card's adapter rows (200 prompts there: outline 0 / 92.5% at scale 0 / 1,
     stripes 2 / 100%, both 90.5%; these 32: outline 0 / 87.5%, stripes 0 / 100%, both 81.25%), with room for
     three or four misses more (the link 9 weights gave 75% and 62.5% on the first 16 of these, and would fail)."""
-    from models.shapes.evaluate import adapter_effect, held_out_scenes
+    from models.shapes.evaluate import adapter_effect, by_distance, format_report, held_out_scenes
 
-    eff = adapter_effect(shapes_engine, held_out_scenes(32), 10_000, None, 16, scales=(0.0, 1.0))
+    scenes, hits = held_out_scenes(32), {}
+    eff = adapter_effect(shapes_engine, scenes, 10_000, None, 16, scales=(0.0, 1.0), per_scene=hits)
     assert "outline@0.5" not in eff and "stripes@0" in eff  # one plain set read for both adapters at 0
+    assert set(hits) == set(eff) and all(sum(hits[k]) / 32 == v for k, v in eff.items())
+    # The same hits by the pair's colour distance, as the evaluator's report gives them.
+    rows = {k: by_distance(scenes, hits[k]) for k in ("outline@1", "outline+stripes@1 both")}
+    assert sum(h for h, _ in rows["outline@1"]["bins"].values()) == round(eff["outline@1"] * 32)
+    assert sum(n for _, n in rows["outline@1"]["bins"].values()) == 32
+    assert "outline@1 by colour distance: 0-90 " in format_report({"n": 32, "adapters_by_distance": rows})
     assert eff["stripes@1"] >= 0.9 and eff["stripes@0"] <= 0.1, eff
     assert eff["outline@1"] >= 0.75 and eff["outline@0"] <= 0.07, eff
     assert eff["outline+stripes@1 both"] >= 0.7, eff
@@ -160,7 +167,8 @@ def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
     text = run("--vae-only", "-n", "6", "--json", str(tmp_path / "vae.json"))
     assert "VAE round trip, stripes" in text
     assert set(json.loads((tmp_path / "vae.json").read_text())["vae_round_trip"]) == {"plain", "outline", "stripes", "outline+stripes"}
-    text = run("-n", "2", "--steps", "4", "--no-adapters", "--pictures", str(tmp_path), "--json", str(tmp_path / "eval.json"))
+    text = run("-n", "2", "--seed", "20000", "--steps", "4", "--no-adapters", "--pictures", str(tmp_path), "--json",
+               str(tmp_path / "eval.json"))
     # The model card's two pictures (models/shapes/card.py), at 2x: prompts x seeds 0-3, and each adapter's
     # three prompts at scales 0, 0.5, 1.
     from PIL import Image
@@ -171,5 +179,6 @@ def test_eval_cli_writes_the_report_the_vae_ceiling_and_the_pictures(tmp_path):
     assert Image.open(tmp_path / "adapters.png").size == (64 * 2 * 3, 64 * 2 * 6)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n"] == 2 and 0 <= report["position"] <= 1 and "position:" in text
+    assert report["seed"] == 20_000 and "held-out prompts: 2 from seed 20000" in text
     assert report["engine_mode"] == "exact" and "(engine mode exact)" in text
     assert all("->" in k and v >= 1 for k, v in report["shape_misreads"].items()), report

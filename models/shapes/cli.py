@@ -80,6 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("what", choices=["shapes"])
     e.add_argument("--model", help="pipeline directory (default: models/zoo/shapes)")
     e.add_argument("-n", type=int, default=200)
+    e.add_argument("--seed", type=int, default=10_000,
+                   help="the prompt set's seed (default 10000: the held-out prompts the bars are read on); another "
+                        "seed with a larger -n says how far those 200 read from prompts at large")
     e.add_argument("--steps", type=int, help="denoising steps for every image, pictures too (default: the model's)")
     e.add_argument("--no-adapters", action="store_true")
     e.add_argument("--vae-only", action="store_true",
@@ -180,7 +183,7 @@ def run_eval(args: argparse.Namespace) -> int:
     lora_dir = default_lora_dir(model_dir)
     model = load_pipeline(model_dir)
     if args.vae_only:
-        report = {"n": args.n, "vae_round_trip": vae_round_trip(model.vae, args.n)}
+        report = {"n": args.n, "seed": args.seed, "vae_round_trip": vae_round_trip(model.vae, args.n, args.seed)}
     else:
         engine = Engine(model, mode=args.engine_mode, lora_dir=str(lora_dir) if lora_dir else None)
         engine.warmup(16)  # fast mode: every graph the evaluator's batches use (exact: nothing to do)
@@ -189,7 +192,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
             for path in make_pictures(engine, Path(args.pictures), steps=args.steps):
                 print(f"wrote {path}")
-        report = evaluate(engine, n=args.n, steps=args.steps, adapters=not args.no_adapters)
+        report = evaluate(engine, n=args.n, seed=args.seed, steps=args.steps, adapters=not args.no_adapters)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
