@@ -2,8 +2,8 @@
 
 ``analyze`` reads an image back into attributes (background colour, object colour, shape, position cell,
 size, outline, stripes) by plain image analysis; ``evaluate`` generates held-out prompts naming all five
-attributes and reports per-attribute accuracy, the adapters' effect at scales 0, 0.5 and 1, and the time
-of one image. The analyser is itself tested on ground-truth renders (tests/test_shapes_eval.py).
+attributes and reports per-attribute accuracy, the adapters' effect at scales 0, 0.5 and 1 (the outline's
+also by the object/background colour distance, ``by_distance``), and the time of one image. The analyser is itself tested on ground-truth renders (tests/test_shapes_eval.py).
 """
 
 from __future__ import annotations
