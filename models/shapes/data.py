@@ -8,6 +8,7 @@ for smooth edges. Everything is a pure function of a seed.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -95,6 +96,11 @@ def random_scene(rng: random.Random, style: str = "plain", **fixed: str) -> Scen
     position = fixed.get("position") or rng.choice(list(POSITIONS))
     cx, cy = cell_center(position, size_px, rng)
     return Scene(shape, color, background, size, size_px, position, cx, cy, style)
+
+
+def pair_distance(color: str, background: str) -> float:
+    """Distance of two named colours in RGB levels (orange and yellow, the closest pair: 73)."""
+    return math.dist(COLORS[color], COLORS[background])
 
 
 def stripe_shade(rgb: tuple[int, int, int], name: str) -> tuple[int, int, int]:

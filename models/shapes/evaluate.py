@@ -3,7 +3,8 @@
 ``analyze`` reads an image back into attributes (background colour, object colour, shape, position cell,
 size, outline, stripes) by plain image analysis; ``evaluate`` generates held-out prompts naming all five
 attributes and reports per-attribute accuracy, the adapters' effect at scales 0, 0.5 and 1 (the outline's
-also by the object/background colour distance, ``by_distance``), and the time of one image. The analyser is itself tested on ground-truth renders (tests/test_shapes_eval.py).
+also by the object/background colour distance, ``by_distance``), and the time of one image. The analyser
+is itself tested on ground-truth renders (tests/test_shapes_eval.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models.shapes.data import COLORS, SIDE, full_caption, random_scene, stripe_shade
+from models.shapes.data import COLORS, SIDE, full_caption, pair_distance, random_scene, stripe_shade
 
 NAMES = list(COLORS)
 PALETTE = np.array([COLORS[n] for n in NAMES], dtype=float)
@@ -284,10 +285,13 @@ def adapter_effect(engine: Any, scenes: list[Any], seed: int, steps: int | None,
 # Object/background colour distances (RGB levels): orange/yellow 73; red/orange 104, blue/purple 106; then 153
 # (green/black) to 198; 204 and over. Of the 56 ordered pairs 2, 4, 14 and 36 fall in these bins.
 DISTANCE_BINS = (0.0, 90.0, 120.0, 200.0, float("inf"))
+BIN_LABELS = [f"{lo:g}-{hi:g}" if hi < float("inf") else f"{lo:g}+" for lo, hi in itertools.pairwise(DISTANCE_BINS)]
 
 
-def pair_distance(color: str, background: str) -> float:
-    return float(np.sqrt(((PALETTE[NAMES.index(color)] - PALETTE[NAMES.index(background)]) ** 2).sum()))
+def distance_bin(color: str, background: str) -> str:
+    """The ``BIN_LABELS`` entry of a colour pair: "0-90", "90-120", "120-200" or "200+"."""
+    d = pair_distance(color, background)
+    return next(label for label, hi in zip(BIN_LABELS, DISTANCE_BINS[1:], strict=True) if d < hi)
 
 
 def by_distance(scenes: list[Any], hits: list[bool]) -> dict[str, Any]:
@@ -295,14 +299,15 @@ def by_distance(scenes: list[Any], hits: list[bool]) -> dict[str, Any]:
     the 56 ordered colour pairs (which ``random_scene`` draws alike): a reading that does not depend on how
     many close pairs a prompt set happens to hold (None where a bin has no scene). The outline's 3 px ring
     is hardest to read between close colours, so a set of 200 can read several points off the whole."""
-    pairs = [(c, b) for c in NAMES for b in NAMES if c != b]
-    bins: dict[str, list[int]] = {}
-    weighted: float | None = 0.0
-    for lo, hi in itertools.pairwise(DISTANCE_BINS):
-        got = [h for s, h in zip(scenes, hits, strict=True) if lo <= pair_distance(s.color, s.background) < hi]
-        bins[f"{lo:g}-{hi:g}" if hi < float("inf") else f"{lo:g}+"] = [sum(got), len(got)]
-        share = sum(lo <= pair_distance(*p) < hi for p in pairs) / len(pairs)
-        weighted = None if weighted is None or not got else weighted + share * sum(got) / len(got)
+    shares = Counter(distance_bin(c, b) for c in NAMES for b in NAMES if c != b)
+    bins = {label: [0, 0] for label in BIN_LABELS}
+    for s, h in zip(scenes, hits, strict=True):
+        row = bins[distance_bin(s.color, s.background)]
+        row[0] += h
+        row[1] += 1
+    weighted = None
+    if all(n for _, n in bins.values()):
+        weighted = sum(shares[label] / sum(shares.values()) * h / n for label, (h, n) in bins.items())
     return {"bins": bins, "weighted": weighted}
 
 

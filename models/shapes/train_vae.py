@@ -4,7 +4,6 @@ then the decoder alone polished on outlines and close colours."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +228,7 @@ def polish_weight(scenes: list[Any], near: float, ring: float, pair_cap: float) 
     the object), times ``1 + ring`` on an outlined object's ring (its outer ``OUTLINE_PX`` pixels), each image
     averaging 1; then each image times (150 / the distance of its two colours in RGB)^2, within [1, pair_cap]:
     orange on yellow (73 levels) weighs 4x at cap 4, red on orange (104) 2.1x, most pairs 1."""
-    from models.shapes.data import COLORS, OUTLINE_PX
+    from models.shapes.data import OUTLINE_PX, pair_distance
     from models.shapes.latent_code import has_style, object_masks
 
     w = object_weight(scenes, near)
@@ -238,7 +237,7 @@ def polish_weight(scenes: list[Any], near: float, ring: float, pair_cap: float) 
         edge = (m + F.max_pool2d(-m, 2 * OUTLINE_PX + 1, stride=1, padding=OUTLINE_PX)).clamp(0, 1)  # m - eroded m
         w = w * (1 + ring * edge * has_style(scenes, "outline"))
         w = w / w.mean(dim=(1, 2, 3), keepdim=True)
-    dist = torch.tensor([math.dist(COLORS[s.color], COLORS[s.background]) for s in scenes])
+    dist = torch.tensor([pair_distance(s.color, s.background) for s in scenes])
     w = w * torch.clamp((150.0 / dist) ** 2, 1.0, max(1.0, pair_cap)).view(-1, 1, 1, 1)
     return w / w.mean()
 
