@@ -393,6 +393,28 @@ class Engine:
         return [out[k] for k in range(len(samples))]
 
     # -- all stages, for the CLI, tests and benchmarks --------------------------------------------
+    def denoise(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        max_batch: int = 16,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[list[Sample]]:
+        """Stages 1-4 for every request: each request's finished samples (their latents ``x``, undecoded)."""
+        per_request = [self.prepare(r, tag=k) for k, r in enumerate(requests)]
+        samples = [s for group in per_request for s in group]
+        total = sum(s.steps_total for s in samples)
+        done = 0
+        while groups := self.groups(samples):
+            for members in groups.values():
+                for b in range(0, len(members), max_batch):
+                    chunk = members[b : b + max_batch]
+                    self.step(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+        return per_request
+
     def generate(
         self,
         requests: Sequence[GenerationRequest],
@@ -402,22 +424,8 @@ class Engine:
     ) -> list[GenerationResult]:
         """Run requests to completion, batching every group's samples up to ``max_batch`` per UNet call."""
         t0 = time.perf_counter()
-        per_request = [self.prepare(r, tag=k) for k, r in enumerate(requests)]
-        samples = [s for group in per_request for s in group]
-        total = sum(s.steps_total for s in samples)
-        done = 0
-        while True:
-            groups = self.groups(samples)
-            if not groups:
-                break
-            for members in groups.values():
-                for b in range(0, len(members), max_batch):
-                    chunk = members[b : b + max_batch]
-                    self.step(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
-        images = self.decode(samples)
+        per_request = self.denoise(requests, max_batch=max_batch, progress=progress)
+        images = self.decode([s for group in per_request for s in group])
         results, k = [], 0
         for group in per_request:
             imgs = images[k : k + len(group)]
