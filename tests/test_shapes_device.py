@@ -25,7 +25,8 @@ def test_device_script_resumes_across_calls_and_packs_the_pipeline(tmp_path):
     env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
            "RENDER_WORKERS": "2", "COMPILE": ""}
     tiny = ["--device", "cpu", "--vae-steps", "2", "--decoder-steps", "2", "--polish-steps", "2", "--base-steps", "2",
-            "--base-images", "16", "--lora-steps", "2", "--lora-images", "16", "--batch", "4"]
+            "--base-images", "16", "--lora-steps", "2", "--lora-images", "16", "--refine-steps", "2",
+            "--refine-images", "4", "--refine-min-iou", "0", "--batch", "4"]
 
     def call(minutes: str, out: Path, *extra: str) -> tuple[str, Path | None]:
         r = subprocess.run(["bash", "models/shapes/device_train.sh", *tiny, *extra], cwd=root, capture_output=True,
@@ -54,7 +55,7 @@ def test_device_script_resumes_across_calls_and_packs_the_pipeline(tmp_path):
 
     third, model = call("30", tmp_path / "out3")
     assert "pipeline packed (complete)" in third and "not finished" not in third, third[-2000:]
-    assert "stage outline done" in (tmp_path / "out3" / "train.log").read_text()
+    assert "stage refine done" in (tmp_path / "out3" / "train.log").read_text()
     assert (model / "loras" / "stripes.safetensors").is_file()
     assert load_pipeline(model).unet.config.cross_attention_dim == 128
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-STAGES = ("vae", "decoder", "polish", "base", "stripes", "outline")  # models.shapes.train.STAGES, without importing torch here
+STAGES = ("vae", "decoder", "polish", "base", "stripes", "outline", "refine")  # models.shapes.train.STAGES, without importing torch here
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="polish stage: extra loss weight on an outlined object's ring (default 3; 0: none)")
     p.add_argument("--polish-pair-cap", type=float,
                    help="polish stage: images weigh (150 / colour distance)^2 up to this (default 4; 1: all alike)")
+    p.add_argument("--refine-steps", type=int,
+                   help="refine stage: decoder steps on the model's generated latents, encoder frozen (default 600)")
+    p.add_argument("--refine-images", type=int, help="refine stage: scenes generated for it (default 1536)")
+    p.add_argument("--refine-min-iou", type=float,
+                   help="refine stage: use a generated scene only if its fit covers the drawn object this well "
+                        "(default 0.8; 0: all)")
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-images", type=int)
     p.add_argument("--base-object-weight", type=float,
@@ -105,7 +111,8 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
     if args.out:
         cfg.out_dir = Path(args.out)
     for name in ("vae_steps", "decoder_steps", "decoder_lr", "outline_code", "stripes_code", "stripes_checker",
-                 "polish_steps", "polish_ring_weight", "polish_pair_cap", "base_steps", "base_images",
+                 "polish_steps", "polish_ring_weight", "polish_pair_cap", "refine_steps", "refine_images",
+                 "refine_min_iou", "base_steps", "base_images",
                  "base_object_weight", "base_object_weight_t", "base_object_weight_everywhere", "base_small_weight",
                  "base_detail_share", "lora_steps", "lora_images", "lora_snr_cap", "lora_pairs",
                  "attribute_drop", "stripes_snr_cap", "stripes_detail_share"):

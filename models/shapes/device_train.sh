@@ -38,7 +38,7 @@ start=$(date +%s)
 set +e
 PYTHONUNBUFFERED=1 "$PY" -m models.shapes train shapes --device cuda --run-dir "$RUN_DIR" --out "$RUN_DIR/out" \
     --minutes "$MINUTES" --render-workers "${RENDER_WORKERS:-12}" \
-    --compile "${COMPILE-inductor}" "$@" 2>&1 | tr '\r' '\n' | tee -a "$OUT/train.log"
+    --compile "${COMPILE-inductor}" "$@" 2>&1 | tr '\r' '\n' | tee -a "$OUT/train.log" | tee "$RUN_DIR/call.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "this call trained for $(( $(date +%s) - start )) s (exit $status)" | tee -a "$OUT/train.log"
@@ -47,8 +47,9 @@ echo "this call trained for $(( $(date +%s) - start )) s (exit $status)" | tee -
 # Once the base stage is done its pipeline comes back, with the adapters finished so far: the adapter stages
 # (~50 min on 2 CPU cores) can also be finished off the box, from that directory:
 #   diffuserve train shapes --stage stripes --stage outline --out DIR --run-dir runs/adapters
+# (the refine stage then needs the run's decoder checkpoint too: unpack the carry of the run there).
 complete=false
-[ -f "$RUN_DIR/out/loras/outline.safetensors" ] && complete=true  # the last stage's output
+grep -q "every stage of the recipe is done" "$RUN_DIR/call.log" && complete=true
 if [ -f "$RUN_DIR/out/model_index.json" ]; then
     tar -C "$RUN_DIR/out" -cf - . | split -b 15M -d - "$OUT/shapes.tar.part-"
     (cd "$OUT" && sha256sum shapes.tar.part-* > shapes.sha256)

@@ -1,4 +1,5 @@
-"""Training the bundled ``shapes`` model from a seed: VAE, then text encoder + UNet, then each LoRA adapter.
+"""Training the bundled ``shapes`` model from a seed: VAE, then text encoder + UNet, then each LoRA adapter, then
+the decoder once more on what the finished model generates (``train_refine``).
 
     diffuserve train shapes                      # all stages, resuming from runs/shapes if present
     diffuserve train shapes --stage base --minutes 30
@@ -57,6 +58,7 @@ from models.shapes.train_common import (
 )
 from models.shapes.train_vae import (
     export_vae,
+    finished,
     load_vae,
     object_weight,
     train_decoder,
@@ -66,7 +68,8 @@ from models.shapes.train_vae import (
 
 log = logging.getLogger(__name__)
 # Stripes before outline: the outline stage trains part of its steps with the stripes adapter on (train_lora).
-STAGES = ("vae", "decoder", "polish", "base", "stripes", "outline")
+# Refine last: it trains the decoder on what the finished base and outline adapter generate.
+STAGES = ("vae", "decoder", "polish", "base", "stripes", "outline", "refine")
 LORA_DATA_SEEDS = {"outline": 5, "stripes": 6}  # seed offsets of each adapter's data (as before the reorder)
 
 
@@ -376,6 +379,15 @@ def run_stages(cfg: TrainConfig, stages: tuple[str, ...], minutes: float | None)
             return
         log.info("stage %s done in %.1f min (data and export included)", stage, (time.monotonic() - t_stage) / 60)
     log.info("stages %s done in %.1f min", stages, (time.monotonic() - t0) / 60)
+    if all(stage_done(cfg, s) for s in STAGES):
+        log.info("every stage of the recipe is done: %s holds the finished model", cfg.out_dir)
+
+
+def stage_done(cfg: TrainConfig, stage: str) -> bool:
+    """Whether ``stage`` has run all its steps in ``cfg.run_dir``."""
+    steps = {"vae": cfg.vae_steps, "decoder": cfg.decoder_steps, "polish": cfg.polish_steps, "base": cfg.base_steps,
+             "stripes": cfg.lora_steps, "outline": cfg.lora_steps, "refine": cfg.refine_steps}[stage]
+    return finished(cfg.run_dir / (f"lora_{stage}" if stage in LORA_DATA_SEEDS else stage), steps)
 
 
 def run_stage(cfg: TrainConfig, stage: str, minutes: float | None) -> bool:
@@ -393,6 +405,13 @@ def run_stage(cfg: TrainConfig, stage: str, minutes: float | None) -> bool:
         return True
     if stage == "polish":
         return train_polish(cfg, minutes)
+    if stage == "refine":
+        from models.shapes.train_refine import train_refine
+
+        if not train_refine(cfg, minutes):
+            return False
+        export_vae(cfg, cfg.out_dir)
+        return True
     if stage == "base":
         if not train_base(cfg, minutes):
             return False

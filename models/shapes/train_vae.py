@@ -65,16 +65,22 @@ def train_vae(cfg: TrainConfig, minutes: float | None = None) -> bool:
                 start, until, cfg.checkpoint_minutes)
 
 
-def load_vae(cfg: TrainConfig) -> Any:
-    """The trained VAE: the polish stage's once it has run all its steps, else the decoder stage's when it has
-    run, else the VAE stage's. (The polish stage keeps the decoder stage's encoder, so its latents are the same.)"""
+def load_vae(cfg: TrainConfig, refined: bool = True) -> Any:
+    """The trained VAE: the refine stage's once it has run all its steps (unless ``refined`` is False), else
+    the polish stage's once it has, else the decoder stage's when it has run, else the VAE stage's. (The polish
+    and refine stages keep the decoder stage's encoder, so the latents are the same.)"""
     vae = arch.build_vae()
-    polished, tuned = Checkpoint(cfg.run_dir / "polish"), Checkpoint(cfg.run_dir / "decoder")
-    if polished.exists() and polished.state()["step"] >= cfg.polish_steps:
-        polished.load({"vae": vae}, None)
-    else:
-        (tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")).load({"vae": vae}, None)
+    done = [Checkpoint(cfg.run_dir / name) for name, steps in (("refine", cfg.refine_steps), ("polish", cfg.polish_steps))
+            if (refined or name != "refine") and finished(cfg.run_dir / name, steps)]
+    tuned = Checkpoint(cfg.run_dir / "decoder")
+    (done or [tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")])[0].load({"vae": vae}, None)
     return vae.eval().requires_grad_(False)
+
+
+def finished(stage_dir: Path, steps: int) -> bool:
+    """Whether the stage checkpointed in ``stage_dir`` has run all its ``steps``."""
+    ckpt = Checkpoint(stage_dir)
+    return ckpt.exists() and ckpt.state()["step"] >= steps
 
 
 def export_vae(cfg: TrainConfig, out: Path) -> None:
@@ -179,8 +185,6 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
     it: the stage can run on a finished run without training those again. It decodes the encoder's latents
     with the codes at 0.4-1.4 times their length, as the decoder stage does. True once all ``polish_steps`` are
     done; a pipeline this run has already exported then gets the polished VAE."""
-    from models.shapes.latent_code import latent_offset
-
     until = deadline(minutes)
     ckpt, tuned = Checkpoint(cfg.run_dir / "polish"), Checkpoint(cfg.run_dir / "decoder")
     if not tuned.exists():
@@ -190,28 +194,17 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
                              "none. Hint: run the decoder stage first (--stage decoder).", param="stage")
     vae = arch.build_vae()
     codes = taught_codes(tuned.load({"vae": vae}, None))
-    vae = vae.to(cfg.device).requires_grad_(False)
-    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = adamw(params, cfg.polish_lr, 0.0, cfg.device)
+    vae = vae.to(cfg.device)
+    opt = adamw(decoder_params(vae), cfg.polish_lr, 0.0, cfg.device)
     state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
     rand = Randomness.resumed(cfg.seed * 1019 + state["step"], state.get("rng"))
     vae.train()
 
     def step_fn(step: int) -> torch.Tensor:
-        x, scenes = decoder_batch(rand, cfg)
         set_lr(opt, cfg.polish_lr, step, 50, cfg.polish_steps)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-            if codes:
-                amp = code_lengths(len(scenes), rand)
-                z = z + (amp.to(cfg.device) - 1) * latent_offset(scenes, codes).to(cfg.device)
-            weight = polish_weight(scenes, cfg.decoder_object_weight, cfg.polish_ring_weight,
-                                   cfg.polish_pair_cap).to(cfg.device)
+        x, z, weight = polish_batch(vae, rand, cfg, codes)
         rec = vae.decode(z).sample
-        err = rec - x
-        return descend(opt, (weight * (err.abs() + err**2)).mean() + edge_loss(rec, x))
+        return descend(opt, decoder_loss(rec, x, weight))
 
     def save(step: int) -> None:
         ckpt.save({"vae": vae}, opt, step, {"rng": rand.state()})
@@ -221,6 +214,38 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
     if (cfg.run_dir / "latent_scale.json").is_file() and (cfg.out_dir / "model_index.json").is_file():
         export_vae(cfg, cfg.out_dir)  # this run's pipeline, exported before the stage (a resumed run)
     return True
+
+
+def decoder_params(vae: Any) -> list[torch.nn.Parameter]:
+    """Freeze the VAE but its decoder (and post-quant conv), and return those: the polish and refine stages
+    train them alone, so the latents every other stage trains on stay where they are."""
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@torch.no_grad()
+def polish_batch(vae: Any, rand: Randomness, cfg: TrainConfig,
+                 codes: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A polish-stage batch (``decoder_batch``): the rendered images, the latents to decode (the encoder's,
+    codes drawn at 0.4-1.4 times their length, as the decoder stage does) and the loss weights."""
+    from models.shapes.latent_code import latent_offset
+
+    x, scenes = decoder_batch(rand, cfg)
+    z = vae.encode(x).latent_dist.mean
+    if codes:
+        amp = code_lengths(len(scenes), rand)
+        z = z + (amp.to(cfg.device) - 1) * latent_offset(scenes, codes).to(cfg.device)
+    weight = polish_weight(scenes, cfg.decoder_object_weight, cfg.polish_ring_weight, cfg.polish_pair_cap)
+    return x, z, weight.to(cfg.device)
+
+
+def decoder_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The polish and refine stages' loss: weighted L1 + MSE, plus ``edge_loss``."""
+    err = rec - x
+    return (weight * (err.abs() + err**2)).mean() + edge_loss(rec, x)
 
 
 def polish_weight(scenes: list[Any], near: float, ring: float, pair_cap: float) -> torch.Tensor:
