@@ -32,9 +32,7 @@ from safetensors.torch import load_file, save_file
 from models.shapes.data import COLORS, object_mask, random_scene, render
 from models.shapes.train_common import (
     Checkpoint,
-    Randomness,
     TrainConfig,
-    adamw,
     deadline,
     descend,
     loop,
@@ -43,7 +41,7 @@ from models.shapes.train_common import (
 from models.shapes.train_vae import (
     code_lengths,
     decoder_loss,
-    decoder_params,
+    decoder_stage,
     load_vae,
     polish_batch,
     polish_weight,
@@ -156,11 +154,7 @@ def train_refine(cfg: TrainConfig, minutes: float | None = None) -> bool:
     object_code = (code * latent_masks(fitted)).to(cfg.device)  # the code over each fitted object
     plain, outlined, targets = plain.to(cfg.device), outlined.to(cfg.device), targets.to(cfg.device)
 
-    ckpt = Checkpoint(cfg.run_dir / "refine")
-    opt = adamw(decoder_params(vae), cfg.refine_lr, 0.0, cfg.device)
-    state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
-    rand = Randomness.resumed(cfg.seed * 1021 + state["step"], state.get("rng"))
-    vae.train()
+    opt, state, rand, save = decoder_stage(cfg, "refine", vae, cfg.refine_lr, 1021)
 
     def step_fn(step: int) -> torch.Tensor:
         set_lr(opt, cfg.refine_lr, step, 50, cfg.refine_steps)
@@ -174,8 +168,5 @@ def train_refine(cfg: TrainConfig, minutes: float | None = None) -> bool:
                               cfg.polish_pair_cap).to(cfg.device)
         rec = vae.decode(torch.cat([z, z_gen])).sample
         return descend(opt, (decoder_loss(rec[:n], x, weight) + decoder_loss(rec[n:], targets[pick], w_gen)) / 2)
-
-    def save(step: int) -> None:
-        ckpt.save({"vae": vae}, opt, step, {"rng": rand.state()})
 
     return loop("refine", cfg.refine_steps, step_fn, save, state["step"], until, cfg.checkpoint_minutes)

@@ -186,7 +186,7 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
     with the codes at 0.4-1.4 times their length, as the decoder stage does. True once all ``polish_steps`` are
     done; a pipeline this run has already exported then gets the polished VAE."""
     until = deadline(minutes)
-    ckpt, tuned = Checkpoint(cfg.run_dir / "polish"), Checkpoint(cfg.run_dir / "decoder")
+    tuned = Checkpoint(cfg.run_dir / "decoder")
     if not tuned.exists():
         from models.errors import InvalidRequest
 
@@ -194,11 +194,7 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
                              "none. Hint: run the decoder stage first (--stage decoder).", param="stage")
     vae = arch.build_vae()
     codes = taught_codes(tuned.load({"vae": vae}, None))
-    vae = vae.to(cfg.device)
-    opt = adamw(decoder_params(vae), cfg.polish_lr, 0.0, cfg.device)
-    state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
-    rand = Randomness.resumed(cfg.seed * 1019 + state["step"], state.get("rng"))
-    vae.train()
+    opt, state, rand, save = decoder_stage(cfg, "polish", vae.to(cfg.device), cfg.polish_lr, 1019)
 
     def step_fn(step: int) -> torch.Tensor:
         set_lr(opt, cfg.polish_lr, step, 50, cfg.polish_steps)
@@ -206,14 +202,28 @@ def train_polish(cfg: TrainConfig, minutes: float | None = None) -> bool:
         rec = vae.decode(z).sample
         return descend(opt, decoder_loss(rec, x, weight))
 
-    def save(step: int) -> None:
-        ckpt.save({"vae": vae}, opt, step, {"rng": rand.state()})
-
     if not loop("polish", cfg.polish_steps, step_fn, save, state["step"], until, cfg.checkpoint_minutes):
         return False
     if (cfg.run_dir / "latent_scale.json").is_file() and (cfg.out_dir / "model_index.json").is_file():
         export_vae(cfg, cfg.out_dir)  # this run's pipeline, exported before the stage (a resumed run)
     return True
+
+
+def decoder_stage(cfg: TrainConfig, name: str, vae: Any, lr: float,
+                  stream: int) -> tuple[Any, dict[str, Any], Randomness, Any]:
+    """What a decoder-only stage (polish, refine) starts from: its optimizer over ``decoder_params``, its state
+    (``vae`` and the optimizer resumed from ``<run>/<name>/`` if checkpointed there), its random streams (seeded
+    ``seed * stream + step``) and the function that checkpoints it at a step. Leaves ``vae`` in train mode."""
+    ckpt = Checkpoint(cfg.run_dir / name)
+    opt = adamw(decoder_params(vae), lr, 0.0, cfg.device)
+    state = ckpt.load({"vae": vae}, opt) if ckpt.exists() else {"step": 0}
+    rand = Randomness.resumed(cfg.seed * stream + state["step"], state.get("rng"))
+    vae.train()
+
+    def save(step: int) -> None:
+        ckpt.save({"vae": vae}, opt, step, {"rng": rand.state()})
+
+    return opt, state, rand, save
 
 
 def decoder_params(vae: Any) -> list[torch.nn.Parameter]:
