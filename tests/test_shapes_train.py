@@ -445,9 +445,13 @@ def test_train_cli_base_sampling_flags():
     assert (cfg.base_object_weight_t, config_from(parser.parse_args(["train", "shapes"])).base_object_weight_t) == (1000, 400)
     default = config_from(parser.parse_args(["train", "shapes"]))
     assert (cfg.base_object_weight_everywhere, default.base_object_weight_everywhere) == (0, 6000)
+    refine = config_from(parser.parse_args(["train", "shapes", "--refine-steps", "5", "--refine-images", "32",
+                                            "--refine-min-iou", "0"]))
+    assert (refine.refine_steps, refine.refine_images, refine.refine_min_iou) == (5, 32, 0.0)
+    assert (default.refine_steps, default.refine_images, default.refine_min_iou) == (600, 1536, 0.8)
     from models.errors import InvalidRequest
 
     for flag, value in (("--base-small-weight", "0"), ("--base-detail-share", "1.5"), ("--base-detail-share", "-0.1"),
-                        ("--stripes-detail-share", "2"), ("--attribute-drop", "1.5")):
+                        ("--stripes-detail-share", "2"), ("--attribute-drop", "1.5"), ("--refine-min-iou", "1.2")):
         with pytest.raises(InvalidRequest, match=flag):
             config_from(parser.parse_args(["train", "shapes", flag, value]))

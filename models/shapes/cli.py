@@ -120,7 +120,7 @@ def config_from(args: argparse.Namespace):  # -> TrainConfig
             setattr(cfg, name, getattr(args, name))
     if not cfg.base_small_weight > 0:  # odds of 0 would leave small objects out, and multinomial fails on all-zero
         raise InvalidRequest(f"--base-small-weight must be > 0, got {cfg.base_small_weight}", param="base_small_weight")
-    for name in ("base_detail_share", "stripes_detail_share", "attribute_drop"):
+    for name in ("base_detail_share", "stripes_detail_share", "attribute_drop", "refine_min_iou"):
         if not 0 <= getattr(cfg, name) <= 1:
             flag = "--" + name.replace("_", "-")
             raise InvalidRequest(f"{flag} must be within [0, 1], got {getattr(cfg, name)}", param=name)

@@ -47,7 +47,7 @@ echo "this call trained for $(( $(date +%s) - start )) s (exit $status)" | tee -
 # Once the base stage is done its pipeline comes back, with the adapters finished so far: the adapter stages
 # (~50 min on 2 CPU cores) can also be finished off the box, from that directory:
 #   diffuserve train shapes --stage stripes --stage outline --out DIR --run-dir runs/adapters
-# (the refine stage then needs the run's decoder checkpoint too: unpack the carry of the run there).
+# The refine stage needs the run directory's VAE checkpoints as well as that pipeline, so it runs on the box.
 complete=false
 grep -q "every stage of the recipe is done" "$RUN_DIR/call.log" && complete=true
 if [ -f "$RUN_DIR/out/model_index.json" ]; then
