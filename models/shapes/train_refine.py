@@ -86,11 +86,10 @@ def generated_latents(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, lis
 
 def drawn_object(image: np.ndarray, scene: Any) -> np.ndarray:
     """HxW bool: the largest region of pixels nearer the scene's object colour than its background's."""
-    from models.shapes.evaluate import largest_component
+    from models.shapes.evaluate import largest_component, nearest
 
-    px = image.astype(float)
-    near_object = ((px - COLORS[scene.color]) ** 2).sum(-1) < ((px - COLORS[scene.background]) ** 2).sum(-1)
-    return largest_component(near_object)
+    pair = np.array([COLORS[scene.background], COLORS[scene.color]], dtype=float)  # a tie goes to the background
+    return largest_component(nearest(image, pair) == 1)
 
 
 def fit_scene(scene: Any, drawn: np.ndarray) -> tuple[Any, float]:
@@ -152,7 +151,10 @@ def train_refine(cfg: TrainConfig, minutes: float | None = None) -> bool:
                              "Hint: train the base stage further first.", param="stage")
     code = torch.tensor(codes["outline_code"]).view(1, -1, 1, 1)
     object_code = (code * latent_masks(fitted)).to(cfg.device)  # the code over each fitted object
-    plain, outlined, targets = plain.to(cfg.device), outlined.to(cfg.device), targets.to(cfg.device)
+    # Each fitted scene's loss weights, computed once: polish_weight's only cross-image step is its final
+    # normalisation to a mean of 1, redone below for each batch.
+    gen_weight = polish_weight(fitted, cfg.decoder_object_weight, cfg.polish_ring_weight, cfg.polish_pair_cap)
+    plain, outlined, targets, gen_weight = (t.to(cfg.device) for t in (plain, outlined, targets, gen_weight))
 
     opt, state, rand, save = decoder_stage(cfg, "refine", vae, cfg.refine_lr, 1021)
 
@@ -164,8 +166,7 @@ def train_refine(cfg: TrainConfig, minutes: float | None = None) -> bool:
         amp = code_lengths(n // 2, rand).to(cfg.device)
         first, rest = pick[: n // 2], pick[n // 2 :]  # plain latents plus the code; the adapter's latents
         z_gen = torch.cat([plain[first] + amp * object_code[first], outlined[rest]])
-        w_gen = polish_weight([fitted[i] for i in pick.tolist()], cfg.decoder_object_weight, cfg.polish_ring_weight,
-                              cfg.polish_pair_cap).to(cfg.device)
+        w_gen = gen_weight[pick] / gen_weight[pick].mean()
         rec = vae.decode(torch.cat([z, z_gen])).sample
         return descend(opt, (decoder_loss(rec[:n], x, weight) + decoder_loss(rec[n:], targets[pick], w_gen)) / 2)
 

@@ -69,11 +69,12 @@ def load_vae(cfg: TrainConfig, refined: bool = True) -> Any:
     """The trained VAE: the refine stage's once it has run all its steps (unless ``refined`` is False), else
     the polish stage's once it has, else the decoder stage's when it has run, else the VAE stage's. (The polish
     and refine stages keep the decoder stage's encoder, so the latents are the same.)"""
+    finals = ([("refine", cfg.refine_steps)] if refined else []) + [("polish", cfg.polish_steps)]
+    name = next((name for name, steps in finals if finished(cfg.run_dir / name, steps)), None)
+    if name is None:
+        name = "decoder" if Checkpoint(cfg.run_dir / "decoder").exists() else "vae"
     vae = arch.build_vae()
-    done = [Checkpoint(cfg.run_dir / name) for name, steps in (("refine", cfg.refine_steps), ("polish", cfg.polish_steps))
-            if (refined or name != "refine") and finished(cfg.run_dir / name, steps)]
-    tuned = Checkpoint(cfg.run_dir / "decoder")
-    (done or [tuned if tuned.exists() else Checkpoint(cfg.run_dir / "vae")])[0].load({"vae": vae}, None)
+    Checkpoint(cfg.run_dir / name).load({"vae": vae}, None)
     return vae.eval().requires_grad_(False)
 
 
